@@ -1,0 +1,293 @@
+"""Policy losses as pure functions of tensors: GVPO and the GRPO / Dr. GRPO baselines.
+
+Every loss takes per-token log-probs and returns ``(loss, metrics)``; ``metrics`` holds detached 0-dim
+tensors (no device sync here: the caller decides when to read them). No model, no logging, no globals.
+
+Shapes: B responses, T completion tokens. Responses answer prompts identified by ``group_ids`` (B,):
+any integers, groups of any size, in any order (not necessarily contiguous).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Metrics = dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# Group helpers
+
+
+def group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map arbitrary integer ids to ``0..G-1``. Returns ``(index (B,), counts (G,))``."""
+    _, index = torch.unique(group_ids, return_inverse=True)
+    counts = torch.bincount(index)
+    return index, counts
+
+
+def group_sum(x: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Per-group sum of ``x`` (B,) -> (G,); differentiable."""
+    return torch.zeros(num_groups, dtype=x.dtype, device=x.device).index_add(0, index, x)
+
+
+def group_center(x: torch.Tensor, index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``x_i - mean_{j in group(i)} x_j``, (B,) -> (B,); differentiable."""
+    means = group_sum(x, index, counts.numel()) / counts.to(x.dtype)
+    return x - means[index]
+
+
+def group_has_spread(x: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(G,) True where the group's values are not all equal (exact, unlike a centred sum near 0)."""
+    lo = torch.zeros(num_groups, dtype=x.dtype, device=x.device).scatter_reduce(0, index, x, "amin", include_self=False)
+    hi = torch.zeros(num_groups, dtype=x.dtype, device=x.device).scatter_reduce(0, index, x, "amax", include_self=False)
+    return hi > lo
+
+
+def sequence_logps(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of completion-token log-probs, (B, T) -> (B,). ``where`` keeps -inf padding out of the sum."""
+    return torch.where(mask.bool(), logps, torch.zeros((), dtype=logps.dtype, device=logps.device)).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks: each error names the argument and says what it should be.
+
+
+def _check_inputs(logps, old_logps, mask, rewards, group_ids, ref_logps=None) -> None:
+    if not isinstance(logps, torch.Tensor) or logps.dim() != 2:
+        raise ValueError(f"logps: expected a (B, T) tensor of token log-probs, got {_describe(logps)}")
+    B, T = logps.shape
+    if B == 0:
+        raise ValueError("logps: the batch is empty (B = 0); pass at least one response")
+    if not logps.is_floating_point():
+        raise ValueError(f"logps: expected a floating-point tensor, got dtype {logps.dtype}")
+    for name, x in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps)):
+        if (x is not None or name != "ref_logps") and (not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, T)):
+            raise ValueError(f"{name}: expected shape {(B, T)} like logps, got {_describe(x)}")
+    for name, x in (("rewards", rewards), ("group_ids", group_ids)):
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (B,):
+            raise ValueError(f"{name}: expected shape {(B,)} (one value per response), got {_describe(x)}")
+    if group_ids.is_floating_point() or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids: expected an integer tensor (one prompt id per response), got {group_ids.dtype}")
+    if not torch.isfinite(rewards).all():
+        bad = torch.nonzero(~torch.isfinite(rewards))[0].item()
+        raise ValueError(
+            f"rewards: non-finite value {rewards[bad].item()} at index {bad}; drop unscorable responses "
+            "(a reward function returns None for them) instead of passing NaN or inf"
+        )
+    valid = mask.bool()
+    for name, x in (("logps", logps), ("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if x is not None and not torch.isfinite(x.detach()[valid]).all():
+            raise ValueError(f"{name}: non-finite log-prob on a completion token (where mask == 1)")
+
+
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# GVPO
+
+
+def gvpo_weights(
+    seq_logps: torch.Tensor, old_seq_logps: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """The paper's per-response weights w_i = (R_i - mean R) - (R_theta,i - mean R_theta), detached (B,).
+
+    ``R_theta = beta * (s - o)`` is the implicit reward. Within every group the weights sum to zero, which is
+    why beta * log Z(x) cancels. The gradient of GVPO is ``-beta / (k - 1) * sum_i w_i * grad s_i``.
+    """
+    index, counts = group_index(group_ids)
+    implicit = beta * (seq_logps - old_seq_logps)
+    return (group_center(rewards.to(implicit.dtype), index, counts) - group_center(implicit, index, counts)).detach()
+
+
+def gvpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    beta: float = 0.1,
+    num_groups: float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """GVPO loss in its MSE form (Zhang et al. 2025, Theorem 3.4, Bessel-corrected; Corollary 3.5 for any k).
+
+    For each group g (the k_g >= 2 responses to one prompt), with sequence scores s_i = sum_t logps (a sum,
+    not a mean), o_i the same under pi_theta' and the implicit reward R_theta,i = beta * (s_i - o_i):
+
+        L_g = 1 / (k_g - 1) * 1/2 * sum_i [(R_theta,i - mean_g R_theta) - (R_i - mean_g R)]^2
+
+    and the loss is the mean of L_g over the groups with k_g >= 2. Its gradient is the paper's Eq. (NLL view)
+    ``-beta / (k_g - 1) * sum_i w_i grad s_i`` with the weights of :func:`gvpo_weights` held constant, so the
+    "detach the advantages" trap of the paper's Listing 1 cannot occur here. ``old_logps`` is detached.
+
+    Deviations from the authors' code: groups may have any size and any order (theirs assert a fixed k and
+    contiguous groups); singleton groups are skipped and counted instead of dividing by k - 1 = 0.
+
+    Args:
+        logps: (B, T) token log-probs under pi_theta (with gradient).
+        old_logps: (B, T) token log-probs under pi_theta' (the policy that generated the batch by default).
+        mask: (B, T) 1 on completion tokens.
+        rewards: (B,) scalar rewards; only their group-centred values matter (no std normalisation).
+        group_ids: (B,) integer prompt id of each response.
+        beta: the KL-regularisation strength of the target pi* = pi_theta' exp(R / beta) / Z; must be > 0.
+        num_groups: divide the summed group losses by this instead of the number of groups used here;
+            pass the global count when one batch is split into micro-batches or across processes.
+    """
+    _check_inputs(logps, old_logps, mask, rewards, group_ids)
+    if not beta > 0:
+        raise ValueError(f"beta={beta}: GVPO needs beta > 0 (the paper's default is 0.1)")
+    index, counts = group_index(group_ids)  # (B,), (G,)
+    G = counts.numel()
+    seq = sequence_logps(logps, mask)  # (B,)
+    old_seq = sequence_logps(old_logps.detach(), mask)  # (B,)
+    implicit = beta * (seq - old_seq)  # (B,) R_theta
+    r = rewards.to(seq.dtype)
+    r_centred = group_center(r, index, counts)  # (B,)
+    diff = group_center(implicit, index, counts) - r_centred  # (B,) = -w_i
+    used = counts >= 2  # (G,)
+    bessel = torch.where(used, 1.0 / (counts.to(seq.dtype) - 1).clamp(min=1), torch.zeros_like(counts, dtype=seq.dtype))
+    group_losses = 0.5 * group_sum(diff.square(), index, G) * bessel  # (G,), 0 for singletons
+    n_used = used.sum()
+    denom = torch.as_tensor(num_groups, dtype=seq.dtype, device=seq.device) if num_groups is not None else n_used.clamp(min=1)
+    # With no group of size >= 2 this is an exact 0 still attached to the graph, so backward() works.
+    loss = group_losses.sum() / denom
+
+    with torch.no_grad():
+        in_used = used[index]  # (B,)
+        n_resp = in_used.sum().clamp(min=1)
+        metrics = {
+            "loss": loss.detach(),
+            "implicit_reward_mse": (diff.square() * in_used).sum() / n_resp,
+            "weight_abs_mean": (diff.abs() * in_used).sum() / n_resp,
+            "implicit_reward_mean": (implicit * in_used).sum() / n_resp,
+            "frac_equal_reward_groups": (~group_has_spread(r, index, G) & used).sum() / n_used.clamp(min=1),
+            "groups_used": n_used.to(seq.dtype),
+            "groups_skipped": (~used).sum().to(seq.dtype),
+        }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO and Dr. GRPO: the baselines, PPO-style clipped surrogates on token ratios.
+
+
+def _clipped_token_loss(logps, old_logps, advantages, epsilon, epsilon_high):
+    """-min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A) per token (B, T), and the clipped indicator."""
+    ratio = torch.exp(logps - old_logps.detach())  # (B, T)
+    adv = advantages.unsqueeze(1)  # (B, 1)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    unclipped_obj, clipped_obj = ratio * adv, clipped * adv
+    return -torch.minimum(unclipped_obj, clipped_obj), (clipped_obj < unclipped_obj), ratio
+
+
+def _k3_kl(logps, ref_logps):
+    """Schulman's k3 estimator of KL(pi_theta || pi_ref) per token: exp(d) - d - 1 with d = ref - logp."""
+    d = ref_logps.detach() - logps
+    return torch.exp(d) - d - 1
+
+
+def _baseline_loss(logps, old_logps, mask, rewards, group_ids, *, scale, epsilon, epsilon_high, ref_logps, kl_coef,
+                   reduce):
+    _check_inputs(logps, old_logps, mask, rewards, group_ids, ref_logps)
+    if epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
+        raise ValueError(f"epsilon={epsilon}, epsilon_high={epsilon_high}: clipping bounds must be > 0 (default 0.2)")
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef={kl_coef}: must be >= 0 (0 disables the KL term)")
+    if kl_coef > 0 and ref_logps is None:
+        raise ValueError("ref_logps: required when kl_coef > 0 (log-probs of the frozen reference model)")
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    index, counts = group_index(group_ids)
+    r = rewards.to(logps.dtype)
+    advantages = group_center(r, index, counts)  # (B,)
+    if scale:
+        advantages = advantages / (_group_std(r, advantages, index, counts) + 1e-4)
+    token_loss, is_clipped, ratio = _clipped_token_loss(logps, old_logps, advantages, epsilon, epsilon_high)
+    m = mask.to(logps.dtype)
+    if kl_coef > 0:
+        kl = _k3_kl(logps, ref_logps)
+        token_loss = token_loss + kl_coef * kl
+    loss = reduce(token_loss, m)
+
+    with torch.no_grad():
+        n_tok = m.sum().clamp(min=1)
+        used = counts >= 2
+        metrics = {
+            "loss": loss.detach(),
+            "clip_fraction": (is_clipped * m).sum() / n_tok,
+            "ratio_mean": (ratio.detach() * m).sum() / n_tok,
+            "advantage_abs_mean": advantages.abs().mean(),
+            "frac_equal_reward_groups": (~group_has_spread(r, index, counts.numel()) & used).sum()
+            / used.sum().clamp(min=1),
+            "groups_used": used.sum().to(logps.dtype),
+            "groups_skipped": (~used).sum().to(logps.dtype),
+        }
+        if kl_coef > 0:
+            metrics["kl"] = (kl.detach() * m).sum() / n_tok
+    return loss, metrics
+
+
+def _group_std(r, centred, index, counts):
+    """Bessel-corrected per-group std of r broadcast to (B,) (as TRL's torch.std); 1 for singletons."""
+    var = group_sum(centred.square(), index, counts.numel()) / (counts.to(r.dtype) - 1).clamp(min=1)
+    std = torch.where(counts >= 2, var.sqrt(), torch.ones_like(var))
+    return std[index]
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, Metrics]:
+    """GRPO (Shao et al. 2024, DeepSeekMath, Eq. 3 with the outcome-supervision advantage of Sec. 4.1.2).
+
+    Advantage A_i = (R_i - mean_g R) / (std_g R + 1e-4) (Bessel-corrected std and 1e-4 as in TRL); token ratio
+    rho = pi_theta / pi_old against ``old_logps`` (pass the behaviour log-probs for replayed responses),
+    clipped at [1 - epsilon, 1 + epsilon_high]; token losses averaged per sequence, then over sequences.
+    Optional k3 KL to ``ref_logps`` weighted by ``kl_coef`` (DeepSeekMath's beta; default 0 as in TRL).
+    Singleton groups get A = 0 (their KL term still counts).
+    """
+
+    def per_sequence_mean(token_loss, m):
+        return ((token_loss * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+
+    return _baseline_loss(logps, old_logps, mask, rewards, group_ids, scale=True, epsilon=epsilon,
+                          epsilon_high=epsilon_high, ref_logps=ref_logps, kl_coef=kl_coef, reduce=per_sequence_mean)
+
+
+def dr_grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    max_completion_length: int | None = None,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, Metrics]:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", Eq. 3 / their Listing).
+
+    Advantage A_i = R_i - mean_g R (no std: removes the question-difficulty bias); the clipped token losses of
+    each sequence are summed and divided by a constant, ``max_completion_length`` (default: T), then averaged
+    over sequences (removes the length bias). Clipping and the optional KL as in :func:`grpo_loss`.
+    """
+    if max_completion_length is not None and max_completion_length < 1:
+        raise ValueError(f"max_completion_length={max_completion_length}: must be >= 1 (the generation budget)")
+    const = max_completion_length or logps.shape[-1]
+
+    def constant_normalised(token_loss, m):
+        return (token_loss * m).sum() / (m.shape[0] * const)
+
+    return _baseline_loss(logps, old_logps, mask, rewards, group_ids, scale=False, epsilon=epsilon,
+                          epsilon_high=epsilon_high, ref_logps=ref_logps, kl_coef=kl_coef, reduce=constant_normalised)
+
+
+LOSSES = {"gvpo": gvpo_loss, "grpo": grpo_loss, "dr_grpo": dr_grpo_loss}
