@@ -1,0 +1,114 @@
+"""Atomic checkpoints: a crash while saving leaves the previous checkpoint whole.
+
+Layout: ``<output_dir>/checkpoints/step-000050/`` holds the model and tokenizer (safetensors, loadable with
+``from_pretrained``) and ``trainer_state.pt`` (optimizer, scheduler, RNG states, data position, step).
+A checkpoint is written into a temporary folder and renamed into place, then the ``latest`` file is
+replaced atomically; readers only ever see complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "generator": generator.get_state() if generator is not None else None,
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"])
+
+
+def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
+    """Write ``step-<step>`` atomically, point ``latest`` at it, then prune all but the newest ``keep``."""
+    root = checkpoint_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(trainer_state, tmp / STATE_FILE)
+    if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic(root / "latest", final.name)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    root = checkpoint_dir(output_dir)
+    pointer = root / "latest"
+    if pointer.exists():
+        path = root / pointer.read_text().strip()
+        if (path / STATE_FILE).exists():
+            return path
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_trainer_state(path: Path) -> dict:
+    # Our own file, holding RNG tuples and optimizer state: not a weights-only pickle.
+    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def load_model_weights(model, path: Path) -> None:
+    """Load a checkpoint's safetensors into an existing model (keeps wrappers, devices and dtypes)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors weights in this checkpoint")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights (lm_head = embed_tokens) are saved once; anything else missing is a real mismatch.
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -1,0 +1,346 @@
+"""Configuration: frozen dataclasses, one per concern, loadable from YAML and overridable from the command line.
+
+Every field is documented once, next to its definition. Names follow TRL's GRPOConfig where the idea is the
+same (num_generations, beta, learning_rate, max_completion_length, temperature, ...). Field names are unique
+across sections, so a command-line override may name the field alone (``beta=0.2``) or with its section
+(``algorithm.beta=0.2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def _fail(name: str, value, how: str):
+    raise ValueError(f"{name}={value!r}: {how}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Local path or hub name of a causal LM; "default" is the tiny model shipped inside the package.
+    model_name_or_path: str = "default"
+    # Parameter dtype: float32, bfloat16 or float16. bf16 autocast is separate (training.bf16).
+    dtype: str = "float32"
+    # Recompute activations in backward to save memory (transformers' gradient_checkpointing_enable).
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            _fail("dtype", self.dtype, "use float32, bfloat16 or float16")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Built-in synthetic task (see gvpo.tasks.TASKS), used when `dataset` is empty.
+    task: str = "arithmetic"
+    # A jsonl / json / parquet file, a Hugging Face dataset name, or a benchmark name of gvpo.data.
+    dataset: str = ""
+    # Held-out data for evaluation: same forms as `dataset`; empty = the task's test split.
+    eval_dataset: str = ""
+    # Column holding the prompt text (a problem is wrapped by `template`) and the gold answer.
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    # How a problem becomes a prompt: "none" (use the column as is), "plain", "qwen_math" or "chat".
+    template: str = "none"
+    # How many synthetic training / held-out problems to generate; for files, a cap (0 = all).
+    num_train: int = 20000
+    num_eval: int = 200
+
+    def __post_init__(self):
+        if self.template not in ("none", "plain", "qwen_math", "chat"):
+            _fail("template", self.template, "use none, plain, qwen_math or chat")
+        if self.num_train < 0 or self.num_eval < 0:
+            _fail("num_train/num_eval", (self.num_train, self.num_eval), "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    # Generation engine: "fast" (our KV-cache sampler), "hf" (transformers generate), "vllm" (GPU).
+    engine: str = "fast"
+    # k: completions sampled per prompt (a GVPO group). TRL's num_generations.
+    num_generations: int = 8
+    # Prompts per training step; the step trains on prompts_per_step * num_generations completions.
+    prompts_per_step: int = 32
+    max_completion_length: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # Completions are cut after the first of these strings.
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.engine not in ("fast", "hf", "vllm"):
+            _fail("engine", self.engine, "use fast, hf or vllm")
+        if self.num_generations < 2:
+            _fail("num_generations", self.num_generations, "GVPO compares responses within a group: use >= 2")
+        if self.prompts_per_step < 1:
+            _fail("prompts_per_step", self.prompts_per_step, "must be >= 1")
+        if self.max_completion_length < 1:
+            _fail("max_completion_length", self.max_completion_length, "must be >= 1")
+        if self.temperature <= 0:
+            _fail("temperature", self.temperature, "training samples need temperature > 0 (1.0 samples the policy)")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    # gvpo, grpo or dr_grpo; all three train on the same batches.
+    algorithm: str = "gvpo"
+    # GVPO's beta: the target is pi* = pi_theta' exp(R / beta) / Z. Only used by gvpo.
+    beta: float = 0.1
+    # GRPO / Dr. GRPO clipping range [1 - epsilon, 1 + epsilon_high]; epsilon_high defaults to epsilon.
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    # GRPO / Dr. GRPO k3 KL coefficient towards the initial model (0 = no reference model, as TRL's default).
+    kl_coef: float = 0.0
+    # Passes over each batch (TRL's num_iterations); pi_theta' log-probs are computed once, before the first.
+    num_iterations: int = 1
+    # Optimizer updates per pass: the batch's groups are split into this many mini-batches (whole groups).
+    num_mini_batches: int = 1
+    # pi_theta': "previous" (the policy that generated the batch, as the authors), "initial" (frozen start
+    # model, Theorem 3.1's fixed reference) or "ema" (exponential moving average of the policy).
+    old_policy: str = "previous"
+    ema_decay: float = 0.99
+    # Reward functions by name (gvpo.rewards registry) or "module:function"; summed with reward_weights.
+    reward_funcs: tuple[str, ...] = ("arithmetic",)
+    reward_weights: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if self.algorithm not in ("gvpo", "grpo", "dr_grpo"):
+            _fail("algorithm", self.algorithm, "use gvpo, grpo or dr_grpo")
+        if self.beta <= 0:
+            _fail("beta", self.beta, "GVPO needs beta > 0 (the paper's default is 0.1)")
+        if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            _fail("epsilon", self.epsilon, "clipping bounds must be > 0 (default 0.2)")
+        if self.kl_coef < 0:
+            _fail("kl_coef", self.kl_coef, "must be >= 0")
+        if self.num_iterations < 1 or self.num_mini_batches < 1:
+            _fail("num_iterations/num_mini_batches", (self.num_iterations, self.num_mini_batches), "must be >= 1")
+        if self.old_policy not in ("previous", "initial", "ema"):
+            _fail("old_policy", self.old_policy, "use previous, initial or ema")
+        if not 0 < self.ema_decay < 1:
+            _fail("ema_decay", self.ema_decay, "must be in (0, 1)")
+        if not self.reward_funcs:
+            _fail("reward_funcs", self.reward_funcs, "name at least one reward function")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+            _fail("reward_weights", self.reward_weights, f"give one weight per reward function ({len(self.reward_funcs)})")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_epsilon: float = 1e-8
+    # Gradient-norm clipping (0 disables).
+    max_grad_norm: float = 1.0
+    # constant, linear or cosine decay after warmup_steps (counted in optimizer updates).
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            _fail("learning_rate", self.learning_rate, "must be > 0")
+        if self.lr_scheduler_type not in ("constant", "linear", "cosine"):
+            _fail("lr_scheduler_type", self.lr_scheduler_type, "use constant, linear or cosine")
+        if self.max_grad_norm < 0 or self.warmup_steps < 0:
+            _fail("max_grad_norm/warmup_steps", (self.max_grad_norm, self.warmup_steps), "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    # Training steps; each step samples prompts_per_step prompts, scores them and makes the updates.
+    max_steps: int = 200
+    # Stop early after this many seconds of training (0 = no limit); the final evaluation still runs.
+    max_time_seconds: float = 0.0
+    seed: int = 0
+    # Prompts (whole groups) per forward/backward pass; 0 = a whole mini-batch at once.
+    micro_batch_prompts: int = 0
+    # bf16 autocast for the training forward pass, where the device supports it.
+    bf16: bool = False
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            _fail("max_steps", self.max_steps, "must be >= 1")
+        if self.micro_batch_prompts < 0 or self.max_time_seconds < 0:
+            _fail("micro_batch_prompts/max_time_seconds", (self.micro_batch_prompts, self.max_time_seconds), ">= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # Greedy held-out evaluation every eval_steps steps (0 = only at the start and the end).
+    eval_steps: int = 20
+    eval_max_completion_length: int = 0  # 0 = rollout.max_completion_length
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    output_dir: str = "runs/default"
+    logging_steps: int = 1
+    # Extra trackers: "tensorboard", "wandb" (installed separately).
+    report_to: tuple[str, ...] = ()
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        for r in self.report_to:
+            if r not in ("tensorboard", "wandb"):
+                _fail("report_to", self.report_to, "use tensorboard and/or wandb, or leave empty")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    # Save every save_steps steps (0 = only at the end); keep the newest save_total_limit checkpoints.
+    save_steps: int = 50
+    save_total_limit: int = 2
+    # Continue from the latest checkpoint in output_dir.
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.save_total_limit < 1:
+            _fail("save_total_limit", self.save_total_limit, "keep at least 1 checkpoint")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides) -> "Config":
+        """A copy with ``{"section.field" or "field": value}`` overrides applied and validated."""
+        return from_dict(self.to_dict(), overrides)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _field_index() -> dict[str, str]:
+    """field name -> section name (field names are unique across sections)."""
+    return {f.name: sec for sec, cls in _section_classes().items() for f in dataclasses.fields(cls)}
+
+
+def _coerce(value, hint, name):
+    """Convert a YAML / command-line value to the field's annotated type, or say what was expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or value == "null":
+            return None
+        return _coerce(value, args[0], name)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}={value!r}: expected a list (YAML list or comma-separated)")
+        (inner, *_) = typing.get_args(hint)
+        return tuple(_coerce(v, inner, name) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{name}={value!r}: expected true or false")
+    if hint in (int, float):
+        try:
+            out = hint(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}={value!r}: expected {hint.__name__}") from None
+        if hint is int and isinstance(value, float) and value != out:
+            raise ValueError(f"{name}={value!r}: expected an integer")
+        return out
+    if hint is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def from_dict(data: dict | None = None, overrides: dict | None = None) -> Config:
+    """Build a validated Config from nested ``{section: {field: value}}`` and flat or dotted overrides."""
+    classes = _section_classes()
+    index = _field_index()
+    values: dict[str, dict] = {sec: {} for sec in classes}
+    for sec, fields_ in (data or {}).items():
+        if sec not in classes:
+            raise ValueError(f"unknown config section {sec!r}{_suggest(sec, classes)}; sections: {', '.join(classes)}")
+        if not isinstance(fields_, dict):
+            raise ValueError(f"config section {sec!r}: expected a mapping of field: value")
+        for key, value in fields_.items():
+            _place(values, index, f"{sec}.{key}", value)
+    for key, value in (overrides or {}).items():
+        _place(values, index, key, value)
+    hints = {sec: typing.get_type_hints(cls) for sec, cls in classes.items()}
+    built = {}
+    for sec, cls in classes.items():
+        kwargs = {k: _coerce(v, hints[sec][k], k) for k, v in values[sec].items()}
+        built[sec] = cls(**kwargs)
+    return Config(**built)
+
+
+def _place(values, index, key, value):
+    sec, _, name = key.rpartition(".")
+    if not sec:
+        if name not in index:
+            raise ValueError(f"unknown config field {name!r}{_suggest(name, index)}")
+        sec = index[name]
+    elif sec not in values:
+        raise ValueError(f"unknown config section {sec!r} in {key!r}{_suggest(sec, values)}")
+    elif index.get(name) != sec:
+        where = f"; it belongs to section {index[name]!r}" if name in index else _suggest(name, index)
+        raise ValueError(f"unknown config field {key!r}{where}")
+    values[sec][name] = value
+
+
+def _suggest(name, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Load a YAML file (or the defaults) and apply ``key=value`` overrides (values parsed as YAML)."""
+    data = {}
+    if path:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of sections (model:, rollout:, ...)")
+    if isinstance(overrides, list):
+        parsed = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r}: write it as key=value, e.g. beta=0.2 or rollout.temperature=0.8")
+            key, raw = item.split("=", 1)
+            parsed[key.lstrip("-")] = yaml.safe_load(raw) if raw else ""
+        overrides = parsed
+    return from_dict(data, overrides)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    data = config.to_dict()
+    for sec in data.values():  # tuples -> lists for plain YAML
+        for k, v in sec.items():
+            if isinstance(v, tuple):
+                sec[k] = list(v)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

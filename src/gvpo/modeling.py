@@ -1,0 +1,70 @@
+"""Model loading and teacher-forced token log-probs: the two places the trainer touches transformers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """"default" is the tiny model shipped in the package; anything else goes to transformers as is."""
+    if name_or_path == "default":
+        from gvpo.assets import default_model_path
+
+        return str(default_model_path())
+    return name_or_path
+
+
+def load_model_and_tokenizer(name_or_path: str = "default", dtype: str = "float32", trust_remote_code: bool = False):
+    """A causal LM and its tokenizer from a local path or a hub name (no hub access is needed for "default")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:  # decoder-only models often ship without one; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def build_sequences(prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                    prompt_index: torch.Tensor, pad_token_id: int):
+    """Concatenate left-padded prompts and right-padded completions.
+
+    Returns ``input_ids (N, P + T)``, ``attention_mask (N, P + T)`` and ``position_ids`` counted from each
+    row's first real token, so that left padding does not shift positions (as transformers' generate does).
+    """
+    width = max(len(p) for p in prompt_ids)
+    n, _ = completion_ids.shape
+    prompts = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    prompt_attn = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        if p:
+            prompts[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            prompt_attn[i, width - len(p):] = 1
+    device = completion_ids.device
+    idx = prompt_index.to(device)
+    input_ids = torch.cat([prompts.to(device)[idx], completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_attn.to(device)[idx], completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                num_completion_tokens: int, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of the last ``num_completion_tokens`` tokens of each row under ``model``, (N, T).
+
+    Logits are divided by the sampling temperature, as TRL does, so that at temperature != 1 the policy whose
+    log-probs enter the loss is the one that was sampled. Only the completion positions' logits are
+    materialised (``logits_to_keep``), and the log-softmax is taken row by row through logsumexp to avoid a
+    second (N, T, V) tensor.
+    """
+    T = num_completion_tokens
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=T + 1, use_cache=False)
+    logits = out.logits[:, :-1].float()  # (N, T, V): position t predicts token t + 1
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, -T:]
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
