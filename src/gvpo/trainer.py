@@ -116,7 +116,8 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
         # 4. Updates: log-probs under pi_theta' once, then num_iterations passes of mini-batch updates.
         metrics = _update(model, policy, optimizer, scheduler, accelerator, old_policy, batch, config, totals)
         totals["train_seconds"] += time.perf_counter() - t0
-        metrics.update(reward_metrics, _batch_metrics(batch, rewards, rollout), step_seconds=time.perf_counter() - t0,
+        metrics.update(reward_metrics)
+        metrics.update(_batch_metrics(batch, rewards, rollout), step_seconds=time.perf_counter() - t0,
                        generation_seconds=t_gen, learning_rate=scheduler.get_last_lr()[0])
         # 5. Evaluate, log, checkpoint.
         if config.eval.eval_steps and step % config.eval.eval_steps == 0 and step < cfg_t.max_steps:
@@ -242,7 +243,7 @@ def _prepare_model(model, config: Config):
 
 
 def _load_rows(config: Config, tokenizer, train_rows, eval_rows):
-    from gvpo.data import encode_prompts, validate_rows
+    from gvpo.data import encode_prompts, format_prompt, validate_rows
 
     d = config.data
     if train_rows is None:
@@ -253,15 +254,18 @@ def _load_rows(config: Config, tokenizer, train_rows, eval_rows):
     for rows, name in ((train_rows, "dataset"), (eval_rows, "eval_dataset")):
         rows = [dict(r) for r in rows]
         for r in rows:
-            if d.prompt_column != "prompt" and d.prompt_column in r:
-                r["prompt"] = r[d.prompt_column]
-            if d.answer_column != "answer" and d.answer_column in r:
-                r["answer"] = r[d.answer_column]
-        validate_rows(rows, required=("prompt",), name=name)
-        texts = [r["prompt"] for r in rows]
-        template = "plain" if d.template == "none" else d.template
-        ids = encode_prompts(texts, tokenizer, template) if d.template != "none" else \
-            [tokenizer(t)["input_ids"] for t in texts]
+            for column, canonical in ((d.prompt_column, "prompt"), (d.answer_column, "answer")):
+                if column != canonical and column in r:
+                    r[canonical] = r[column]
+        try:
+            validate_rows(rows, required=("prompt",))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if d.template == "none":  # the prompt column is the model's input, verbatim
+            ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
+        else:
+            ids = encode_prompts([format_prompt(r["prompt"], tokenizer, d.template) for r in rows], tokenizer,
+                                 d.template)
         for r, p in zip(rows, ids):
             r["prompt_ids"] = p
         out.append(rows)
