@@ -134,6 +134,21 @@ class AlgorithmConfig:
 
 
 @dataclass(frozen=True)
+class ReplayConfig:
+    # h of the paper's historical:current mix: per prompt, up to h stored responses join its group and
+    # num_generations - h fresh ones are sampled (0 disables replay). Prompts must recur for history to exist.
+    num_historical: int = 0
+    # Responses generated more than this many steps ago are evicted.
+    max_staleness: int = 16
+
+    def __post_init__(self):
+        if self.num_historical < 0:
+            _fail("num_historical", self.num_historical, "must be >= 0 (0 disables replay)")
+        if self.max_staleness < 1:
+            _fail("max_staleness", self.max_staleness, "must be >= 1 (steps)")
+
+
+@dataclass(frozen=True)
 class OptimizerConfig:
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
@@ -214,11 +229,17 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        if self.replay.num_historical >= self.rollout.num_generations:
+            _fail("num_historical", self.replay.num_historical,
+                  f"must be < num_generations ({self.rollout.num_generations}): each group needs a fresh response")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -23,6 +23,7 @@ from gvpo.config import Config, save_config
 from gvpo.losses import LOSSES
 from gvpo.modeling import load_model_and_tokenizer, token_logps
 from gvpo.old_policy import OldPolicy
+from gvpo.replay import ReplayBuffer, concat_rollouts, generate_groups, responses_to_rollout, rollout_responses
 from gvpo.rollout import make_engine
 from gvpo.sampler import PromptSampler
 from gvpo.scoring import resolve_reward, score
@@ -65,6 +66,8 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
     old_policy = OldPolicy(cfg_a.old_policy, policy, cfg_a.ema_decay,
                            need_ref=cfg_a.algorithm != "gvpo" and cfg_a.kl_coef > 0)
     sampler = PromptSampler(len(train_rows), seed=cfg_t.seed)
+    replay = ReplayBuffer(config.replay.max_staleness, capacity=cfg_r.num_generations) \
+        if config.replay.num_historical else None
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg_t.seed + 7919 * accelerator.process_index)
     sampling = SamplingParams(max_new_tokens=cfg_r.max_completion_length, temperature=cfg_r.temperature,
                               top_p=cfg_r.top_p, top_k=cfg_r.top_k, stop_strings=cfg_r.stop_strings)
@@ -81,6 +84,8 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
         sampler.load_state_dict(state["sampler"])
         old_policy.load_state_dict(state.get("old_policy"))
         ckpt.set_rng_state(state["rng"][accelerator.process_index], generator)
+        if replay is not None:
+            replay.load_state_dict(state["replay"][accelerator.process_index])
         start_step, totals = state["step"], state["totals"]
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
     tracker = Tracker(out, config.logging.report_to, config.to_dict(),
@@ -99,25 +104,36 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
         indices = sampler.next_indices(cfg_r.prompts_per_step)
         rank_indices = indices[accelerator.process_index::accelerator.num_processes]
         rows = [train_rows[i] for i in rank_indices]
-        # 2. Generate k completions per prompt with the current policy.
+        # 2. Generate with the current policy: k completions per prompt, or k - h next to h replayed ones.
         policy.eval()
         if hasattr(engine, "sync_weights"):  # engines that hold their own copy (vLLM) get the new weights
             engine.sync_weights(policy)
-        rollout = engine.generate([r["prompt_ids"] for r in rows], cfg_r.num_generations, sampling, generator)
+        prompt_ids = [r["prompt_ids"] for r in rows]
+        history = _history(replay, rank_indices, config, step, generator)
+        counts = [cfg_r.num_generations - len(h) for h in history]
+        rollout = generate_groups(engine, prompt_ids, counts, sampling, generator)
         t_gen = time.perf_counter() - t0
         # 3. Score; unscorable responses (None) leave their group.
         completions = tokenizer.batch_decode(_completion_tokens(rollout), skip_special_tokens=True)
         row_of = rollout.prompt_index.tolist()
         columns = {k: [rows[i][k] for i in row_of] for k in rows[0] if k not in ("prompt", "prompt_ids")}
         rewards, reward_metrics = score(funcs, weights, [rows[i]["prompt"] for i in row_of], completions, columns)
+        fresh_metrics = _batch_metrics(rewards, rollout)
+        if replay is not None:
+            rollout, rewards, replayed = _mix_history(replay, rollout, rewards, history, rank_indices, step,
+                                                      tokenizer.pad_token_id)
+        else:
+            replayed = None
         # Group id = the prompt's position in the step's global batch (unique even if a prompt repeats).
-        group_of = [accelerator.process_index + accelerator.num_processes * i for i in row_of]
-        batch = make_batch([r["prompt_ids"] for r in rows], rollout, rewards, group_of, tokenizer.pad_token_id)
+        group_of = [accelerator.process_index + accelerator.num_processes * i for i in rollout.prompt_index.tolist()]
+        batch = make_batch(prompt_ids, rollout, rewards, group_of, tokenizer.pad_token_id, replayed)
         # 4. Updates: log-probs under pi_theta' once, then num_iterations passes of mini-batch updates.
         metrics = _update(model, policy, optimizer, scheduler, accelerator, old_policy, batch, config, totals)
         totals["train_seconds"] += time.perf_counter() - t0
         metrics.update(reward_metrics)
-        metrics.update(_batch_metrics(batch, rewards, rollout), step_seconds=time.perf_counter() - t0,
+        if replay is not None:
+            metrics.update(replayed=sum(replayed), replay_buffer_size=len(replay))
+        metrics.update(fresh_metrics, step_seconds=time.perf_counter() - t0,
                        generation_seconds=t_gen, learning_rate=scheduler.get_last_lr()[0])
         # 5. Evaluate, log, checkpoint.
         if config.eval.eval_steps and step % config.eval.eval_steps == 0 and step < cfg_t.max_steps:
@@ -131,8 +147,8 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics.get('eval_accuracy', float('nan')):.3f}")
         if last or (config.checkpoint.save_steps and step % config.checkpoint.save_steps == 0):
-            _save(out, step, policy, tokenizer, optimizer, scheduler, sampler, old_policy, generator, totals,
-                  config, accelerator)
+            _save(out, step, policy, tokenizer, optimizer, scheduler, sampler, old_policy, generator, replay,
+                  totals, config, accelerator)
         if last:
             break
     bar.close()
@@ -172,6 +188,10 @@ def _update(model, policy, optimizer, scheduler, accelerator, old_policy, batch:
                     logps = token_logps(model, micro.input_ids, micro.attention_mask, micro.position_ids,
                                         micro.completion_mask.shape[1], temperature)
                 old = logps.detach() if reuse_detached else micro.old_logps
+                if cfg_a.algorithm != "gvpo" and bool(micro.is_replayed.any()):
+                    # The baselines' importance ratio is taken against the sampler of a replayed response;
+                    # GVPO needs none (Corollary 3.2).
+                    old = torch.where(micro.is_replayed[:, None], micro.behavior_logps, old)
                 loss, m = _loss(loss_fn, cfg_a, logps, old, micro, totals_mb, accelerator.num_processes)
                 accelerator.backward(loss)
                 for k, v in m.items():
@@ -291,7 +311,29 @@ def _completion_tokens(rollout) -> list[list[int]]:
     return [ids[:n] for ids, n in zip(rollout.completion_ids.tolist(), lengths)]
 
 
-def _batch_metrics(batch: Batch, rewards: list[float], rollout) -> dict:
+def _history(replay, keys, config, step, generator) -> list[list]:
+    """Per prompt, the stored responses that join its group this step (none without replay)."""
+    if replay is None:
+        return [[] for _ in keys]
+    replay.evict(step)
+    return [replay.sample(key, config.replay.num_historical, generator) for key in keys]
+
+
+def _mix_history(replay, rollout, rewards, history, keys, step, pad_token_id):
+    """Store the fresh responses, then append the replayed ones; returns (rollout, rewards, is_replayed)."""
+    fresh = rollout_responses(rollout, rewards, version=step)
+    for row, response in zip(rollout.prompt_index.tolist(), fresh):
+        if not math.isnan(response.reward):
+            replay.add(keys[row], [response])
+    old = [(p, r) for p, responses in enumerate(history) for r in responses]
+    if not old:
+        return rollout, rewards, [False] * len(rewards)
+    mixed = concat_rollouts([rollout, responses_to_rollout(old, rollout.completion_ids.device, pad_token_id)],
+                            pad_token_id)
+    return mixed, rewards + [r.reward for _, r in old], [False] * len(rewards) + [True] * len(old)
+
+
+def _batch_metrics(rewards: list[float], rollout) -> dict:
     scored = [r for r in rewards if not math.isnan(r)]
     mean = sum(scored) / len(scored) if scored else math.nan
     std = math.sqrt(sum((r - mean) ** 2 for r in scored) / len(scored)) if scored else math.nan
@@ -329,14 +371,17 @@ def _scheduler(optimizer, config: Config):
     return get_scheduler(name, optimizer, num_warmup_steps=config.optimizer.warmup_steps, num_training_steps=updates)
 
 
-def _save(out, step, policy, tokenizer, optimizer, scheduler, sampler, old_policy, generator, totals, config,
-          accelerator):
-    rng = ckpt.rng_state(generator)
-    states = accelerator.gather_for_metrics([rng], use_gather_object=True) if accelerator.num_processes > 1 else [rng]
+def _save(out, step, policy, tokenizer, optimizer, scheduler, sampler, old_policy, generator, replay, totals,
+          config, accelerator):
+    # RNG and replay state differ per rank: gather them so that a resume restores every rank.
+    mine = (ckpt.rng_state(generator), replay.state_dict() if replay is not None else None)
+    gathered = accelerator.gather_for_metrics([mine], use_gather_object=True) if accelerator.num_processes > 1 \
+        else [mine]
     if accelerator.is_main_process:
         ckpt.save_checkpoint(out, step, policy, tokenizer, {
             "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict(), "old_policy": old_policy.state_dict(), "rng": states,
+            "sampler": sampler.state_dict(), "old_policy": old_policy.state_dict(),
+            "rng": [g[0] for g in gathered], "replay": [g[1] for g in gathered],
             "totals": dict(totals),
         }, keep=config.checkpoint.save_total_limit)
     accelerator.wait_for_everyone()

@@ -1,0 +1,217 @@
+"""Datasets and prompt templates.
+
+`load_benchmark` reads the benchmark and training files of ../shared/data (see its README) into rows
+`{"problem", "answer", "id", ...}`; `load_dataset_file` reads a user's jsonl / json / parquet file or a
+Hugging Face dataset; `validate_rows` checks columns before training; `format_prompt` applies a template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "../shared/data"
+DATA_DIR_ENV = "GVPO_DATA_DIR"
+QWEN_MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+TEMPLATES = ("plain", "qwen_math", "chat")
+
+# benchmark name -> {split: file under the data dir}; `_rows` normalises each format
+_FILES = {
+    "math500": {"test": "math500/test.jsonl"},
+    "aime24": {"test": "aime24/test.jsonl"},
+    "amc23": {"test": "amc23/test.jsonl"},
+    "minerva": {"test": "minerva_math/test.jsonl"},
+    "olympiadbench": {"test": "olympiadbench/test.jsonl"},
+    "gsm8k": {"test": "gsm8k/test.jsonl", "train": "gsm8k/train.jsonl"},
+    "math_train": {"train": "math_train/train.jsonl"},
+}
+BENCHMARKS = tuple(_FILES)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data directory: the argument, else $GVPO_DATA_DIR, else ../shared/data from the working directory."""
+    if data_dir is not None:
+        source = f"data_dir={str(data_dir)!r}"
+    elif os.environ.get(DATA_DIR_ENV):
+        data_dir, source = os.environ[DATA_DIR_ENV], f"${DATA_DIR_ENV}={os.environ[DATA_DIR_ENV]!r}"
+    else:
+        data_dir, source = DEFAULT_DATA_DIR, f"the default {DEFAULT_DATA_DIR!r} relative to {os.getcwd()}"
+    path = Path(data_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"benchmark data directory not found: looked in {path} (from {source}). Pass data_dir=/path/to/data "
+            f"or set {DATA_DIR_ENV}=/path/to/data (the folder holding math500/, aime24/, ...)"
+        )
+    return path
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _last_boxed(text: str) -> str | None:
+    from gvpo.rewards.math import boxed_contents  # no math-verify needed: plain string scanning
+
+    boxes = boxed_contents(text)
+    return boxes[-1].strip() if boxes else None
+
+
+def _strip_dollars(text: str) -> str:
+    return re.sub(r"(?<!\\)\$", "", text).strip()
+
+
+def _number_str(value) -> str:
+    """27.0 -> "27", "025" -> "25": AIME and AMC answers are integers, compared numerically."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else str(number)
+
+
+def _rows(name: str, raw: list[dict], split: str) -> list[dict]:
+    if name in ("math500", "math_train"):
+        return [
+            {"problem": r["problem"], "answer": r["answer"], "id": r["unique_id"], "solution": r["solution"],
+             "level": r["level"], "subject": r.get("subject", r.get("type"))}
+            for r in raw
+        ]
+    if name in ("aime24", "amc23"):
+        return [{"problem": r["problem"], "answer": _number_str(r["answer"]), "id": str(r["id"])} for r in raw]
+    if name == "minerva":
+        return [
+            {"problem": r["problem"], "answer": _last_boxed(r["solution"]), "id": str(r["idx"]),
+             "solution": r["solution"], "subject": r["type"]}
+            for r in raw
+        ]
+    if name == "olympiadbench":
+        rows = []
+        for r in raw:
+            answers = [_strip_dollars(a) for a in r["final_answer"]]
+            problem = f"{r['context']}\n{r['question']}" if r.get("context") else r["question"]
+            rows.append(
+                {"problem": problem, "answer": ", ".join(answers), "answers": answers, "id": str(r["id"]),
+                 "is_multiple_answer": r["is_multiple_answer"], "unit": r["unit"], "answer_type": r["answer_type"]}
+            )
+        return rows
+    if name == "gsm8k":
+        return [
+            {"problem": r["question"], "answer": r["answer"].split("####")[-1].strip().replace(",", ""),
+             "id": f"{split}-{i}", "solution": r["answer"]}
+            for i, r in enumerate(raw)
+        ]
+    raise AssertionError(name)
+
+
+def load_benchmark(name: str, data_dir: str | os.PathLike | None = None, split: str | None = None) -> list[dict]:
+    """Rows `{"problem": str, "answer": str, "id": str, ...}` of a benchmark or training set.
+
+    name: one of BENCHMARKS (math500, aime24, amc23, minerva, olympiadbench, gsm8k, math_train).
+    data_dir: see `resolve_data_dir` (argument, else $GVPO_DATA_DIR, else ../shared/data).
+    split: "test" (default) or, for gsm8k, "train"; math_train has only "train".
+    """
+    key = name.lower().replace("-", "_")
+    if key == "minerva_math":
+        key = "minerva"
+    if key not in _FILES:
+        raise ValueError(f"benchmark {name!r}: unknown; choose one of {', '.join(BENCHMARKS)}")
+    splits = _FILES[key]
+    split = split or ("test" if "test" in splits else "train")
+    if split not in splits:
+        raise ValueError(f"benchmark {name!r} has no split {split!r}; choose one of {', '.join(splits)}")
+    path = resolve_data_dir(data_dir) / splits[split]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the data directory should hold {splits[split]}")
+    return _rows(key, _read_jsonl(path), split)
+
+
+def load_dataset_file(path_or_name: str | os.PathLike, split: str = "train") -> list[dict]:
+    """Rows of a local .jsonl / .json / .parquet file, or of a Hugging Face dataset (name or local dir).
+
+    A .json file holds a list of rows (or {"data": [...]}) or one row per line. Parquet needs pyarrow
+    (or `datasets`); a hub dataset needs `pip install gvpo[parquet]` (the `datasets` package).
+    """
+    path = Path(path_or_name).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".json":
+            text = path.read_text(encoding="utf-8")
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:
+                return _read_jsonl(path)
+            data = data.get("data", data) if isinstance(data, dict) else data
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: expected a list of rows or {{'data': [...]}}, got {type(data).__name__}")
+            return data
+        if suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                return list(_hf_datasets().load_dataset("parquet", data_files=str(path), split="train"))
+            return pq.read_table(path).to_pylist()
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+    if suffix in (".jsonl", ".json", ".parquet"):
+        raise FileNotFoundError(f"{path.resolve()} does not exist (path_or_name={str(path_or_name)!r})")
+    return list(_hf_datasets().load_dataset(str(path_or_name), split=split))
+
+
+def _hf_datasets():
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("loading parquet or Hugging Face datasets needs `pip install 'gvpo[parquet]'`") from e
+    return datasets
+
+
+def validate_rows(rows: list[dict], required: tuple[str, ...] = ("prompt",)) -> list[dict]:
+    """Check that every row has the required columns and a non-empty prompt; return the rows unchanged."""
+    if not rows:
+        raise ValueError("the dataset has no rows: check the file, split or filter")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"row {i}: expected a dict of columns, got {type(row).__name__}")
+        for column in required:
+            if column not in row or row[column] is None:
+                raise ValueError(
+                    f"row {i}: missing column {column!r} (columns: {sorted(row)}). Rename the column in the data "
+                    f"or point to the one that holds it, e.g. {column}_column='problem'"
+                )
+            value = row[column]
+            if column in ("prompt", "problem") and (not value or (isinstance(value, str) and not value.strip())):
+                raise ValueError(f"row {i}: column {column!r} is empty; remove the row or fix the data")
+    return rows
+
+
+def format_prompt(problem: str, tokenizer=None, template: str = "plain") -> str:
+    """The prompt text for one problem.
+
+    plain: "Question: ...\\n<instruction>\\nAnswer:" - no chat template needed (base models, tiny models).
+    qwen_math: the tokenizer's chat template with Qwen2.5-Math's evaluation prompt (system message =
+    the instruction, user message = the problem), as in the GVPO paper's setup.
+    chat: the tokenizer's chat template, one user message = problem + instruction.
+    A tokenizer without a chat template raises ValueError (no silent fallback: the prompts a model is
+    trained and evaluated on must not change without notice); use template="plain" for such models.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"template={template!r}: choose one of {', '.join(TEMPLATES)}")
+    if template == "plain":
+        return f"Question: {problem}\n{QWEN_MATH_INSTRUCTION}\nAnswer:"
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"template={template!r} needs a tokenizer with a chat template; this one has none. "
+            f"Use template='plain', or set tokenizer.chat_template"
+        )
+    if template == "qwen_math":
+        messages = [{"role": "system", "content": QWEN_MATH_INSTRUCTION}, {"role": "user", "content": problem}]
+    else:
+        messages = [{"role": "user", "content": f"{problem}\n{QWEN_MATH_INSTRUCTION}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(texts: list[str], tokenizer, template: str = "plain") -> list[list[int]]:
+    """Token ids of formatted prompts; chat templates already hold their special tokens, so none are added."""
+    add_special = template == "plain"
+    return [list(tokenizer.encode(text, add_special_tokens=add_special)) for text in texts]

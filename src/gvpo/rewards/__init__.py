@@ -1,0 +1,24 @@
+"""Reward callables, TRL-style: `f(prompts, completions, **columns) -> list[float | None]`.
+
+math-verify is imported only inside the grader's worker processes (install it with `pip install gvpo[math]`).
+"""
+
+from gvpo.rewards.math import (
+    boxed_format,
+    configure_grader,
+    extract_answer,
+    grader_metrics,
+    math_accuracy,
+    score_completions,
+    shutdown_grader,
+)
+
+__all__ = [
+    "boxed_format",
+    "configure_grader",
+    "extract_answer",
+    "grader_metrics",
+    "math_accuracy",
+    "score_completions",
+    "shutdown_grader",
+]
