@@ -42,7 +42,8 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
 
     config = config or Config()
     cfg_t, cfg_r, cfg_a, cfg_o = config.training, config.rollout, config.algorithm, config.optimizer
-    accelerator = Accelerator(mixed_precision="bf16" if cfg_t.bf16 else "no")
+    # cpu=True without CUDA: accelerate then treats torchrun's / accelerate launch's processes as MULTI_CPU (gloo).
+    accelerator = Accelerator(mixed_precision="bf16" if cfg_t.bf16 else "no", cpu=not torch.cuda.is_available())
     set_seed(cfg_t.seed)
     out = Path(config.logging.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +154,7 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
             break
     bar.close()
     summary = _summary(totals, step, config)
+    summary["num_processes"] = accelerator.num_processes
     if accelerator.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         tracker.close()

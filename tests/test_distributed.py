@@ -1,0 +1,40 @@
+"""Multi-process training (gloo on CPU) gives the parameters of a single process with the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(nproc: int, model_dir: str, out: Path, steps: int = 3):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), model_dir, str(out), str(steps)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["num_processes"] == nproc
+    return load_file(str(out / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
+
+
+def test_two_processes_equal_one(tmp_path, tiny_model_dir):
+    one = _launch(1, tiny_model_dir, tmp_path / "one")
+    two = _launch(2, tiny_model_dir, tmp_path / "two")
+    start = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    moved = max((one[k] - start[k]).abs().max().item() for k in one)
+    assert moved > 1e-3  # training did change the weights
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
