@@ -1,0 +1,1 @@
+"""Adapters that run GVPO inside other training libraries (optional dependencies, imported on demand)."""

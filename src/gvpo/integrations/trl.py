@@ -1,0 +1,225 @@
+"""GVPO for TRL users: ``GVPOTrainer`` is TRL's ``GRPOTrainer`` with the GVPO loss.
+
+Everything except the loss stays TRL's: generation (transformers or vLLM), reward functions, accelerate /
+DeepSpeed / FSDP, PEFT, logging, checkpoints. The loss is :func:`gvpo.losses.gvpo_loss` on sequence sums of
+log-probs, with pi_theta' = the policy that generated the batch (TRL's ``old_per_token_logps`` when it computes
+them, else the current log-probs detached: with one update per batch they are the same numbers).
+
+Differences from ``GRPOConfig`` / ``GRPOTrainer``:
+
+- ``beta`` is GVPO's beta (default 0.1), not TRL's KL coefficient. GVPO has no reference model and no KL term,
+  so while ``GRPOTrainer.__init__`` runs it sees ``args.beta = 0`` (no reference model or "ref" adapter is
+  built), ``trainer.beta`` (TRL's KL coefficient) stays 0, and GVPO's beta is ``trainer.gvpo_beta`` ==
+  ``args.beta``.
+- ``scale_rewards`` must be ``"none"`` (the default here): TRL's advantages are then exactly the rewards centred
+  per group, the only form of the rewards GVPO uses. A std-scaled advantage would change the target policy.
+- Every micro-batch must hold whole groups: TRL shuffles a process's generation batch before cutting it into
+  ``steps_per_generation`` micro-batches, so ``steps_per_generation`` must be 1 (the default here; grow the batch
+  with ``gradient_accumulation_steps``) and ``per_device_train_batch_size`` a multiple of ``num_generations``.
+- No ratio, no clipping: ``loss_type``, ``epsilon``, ``epsilon_high``, ``delta``, ``importance_sampling_level``,
+  the sapo / vespo options and vLLM's importance-sampling ratio are ignored (GVPO's optimum holds for any
+  sampler, Corollary 3.2). Options that would change the objective (entropy bonus or mask, off-policy mask,
+  per-function normalisation) are rejected.
+- A completion that every reward function scored ``None`` keeps TRL's advantage 0 (a centred reward of 0).
+
+TRL internals this relies on (tested with trl>=1.16,<1.17): it overrides ``_generate_and_score_completions``
+(to number the groups before TRL shuffles the rows) and ``_compute_loss``; it calls
+``_get_per_token_logps_and_entropies`` and appends to ``_metrics``; and it assumes TRL's layout: the
+``num_generations`` completions of a prompt are contiguous in the global generation batch and each process
+holds a contiguous slice of it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+try:
+    import trl
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as e:  # the core package never imports trl; only this module does
+    raise ImportError("gvpo.integrations.trl needs TRL: pip install 'gvpo[trl]'") from e
+from packaging.version import Version
+
+from gvpo.losses import gvpo_loss
+
+TRL_TESTED = ">=1.16,<1.17"
+if not Version("1.16") <= Version(trl.__version__) < Version("1.17"):
+    warnings.warn(
+        f"gvpo.integrations.trl is tested with trl{TRL_TESTED} but found trl {trl.__version__}; it overrides "
+        "GRPOTrainer._compute_loss and _generate_and_score_completions, which may have changed. "
+        f"Install a tested version: pip install 'trl{TRL_TESTED}'",
+        stacklevel=2,
+    )
+
+# GRPOConfig options that change TRL's objective in ways GVPO has no counterpart for: rejected unless left at
+# their neutral values, rather than silently ignored.
+_UNSUPPORTED = {"top_entropy_quantile": 1.0, "entropy_coef": 0.0, "use_adaptive_entropy": False,
+                "off_policy_mask_threshold": None}
+# Extra model inputs that TRL forwards for vision-language models; passed through unchanged.
+_FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                 "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+_LOGGED = ("implicit_reward_mse", "weight_abs_mean", "frac_equal_reward_groups")
+
+
+@dataclass
+class GVPOConfig(GRPOConfig):
+    """``GRPOConfig`` with GVPO's meaning of ``beta`` and the defaults GVPO needs (see the module docstring)."""
+
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "GVPO's beta: the target policy is pi_theta' * exp(R / beta) / Z (Zhang et al. 2025, "
+                  "Theorem 3.1). Not TRL's KL coefficient: GVPO loads no reference model and adds no KL term."},
+    )
+    scale_rewards: str = field(
+        default="none",
+        metadata={"help": "Must be 'none': GVPO uses rewards centred per group, never divided by a std."},
+    )
+    steps_per_generation: int | None = field(
+        default=None,
+        metadata={"help": "Must be 1 (the default when this and generation_batch_size are unset): TRL shuffles "
+                  "the generation batch before splitting it, which would cut groups apart."},
+    )
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"beta={self.beta}: GVPO needs beta > 0 (the paper's default is 0.1). It is GVPO's "
+                             "beta, not TRL's KL coefficient: GVPO has no KL term to switch off.")
+        if self.scale_rewards not in ("none", False):
+            raise ValueError(f"scale_rewards={self.scale_rewards!r}: GVPO uses rewards centred per group without "
+                             "std scaling; set scale_rewards='none' (the GVPOConfig default).")
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(f"multi_objective_aggregation={self.multi_objective_aggregation!r}: GVPO needs raw "
+                             "rewards; 'normalize_then_sum' std-normalises them. Use 'sum_then_normalize'.")
+        for name, neutral in _UNSUPPORTED.items():
+            if getattr(self, name) != neutral:
+                raise ValueError(f"{name}={getattr(self, name)!r}: not part of the GVPO objective and not "
+                                 f"implemented by GVPOTrainer; leave it at {neutral!r}.")
+        if self.steps_per_generation is None and self.generation_batch_size is None:
+            self.steps_per_generation = 1  # TRL would default it to gradient_accumulation_steps
+        _check_whole_group_settings(self.per_device_train_batch_size, self.num_generations,
+                                    self.steps_per_generation or 1, self.generation_batch_size)
+        super().__post_init__()
+        # generation_batch_size, when given, fixed steps_per_generation only now
+        _check_whole_group_settings(self.per_device_train_batch_size, self.num_generations,
+                                    self.steps_per_generation, self.generation_batch_size)
+
+
+def _check_whole_group_settings(per_device_batch_size, num_generations, steps_per_generation,
+                                generation_batch_size) -> None:
+    """Raise unless every training micro-batch of TRL's data layout holds whole groups of num_generations."""
+    problems = []
+    if steps_per_generation != 1:
+        problems.append(
+            f"steps_per_generation={steps_per_generation} (generation_batch_size={generation_batch_size}): TRL "
+            "shuffles each generation batch before splitting it into steps_per_generation micro-batches, which cuts "
+            "groups apart; leave steps_per_generation and generation_batch_size unset (or set "
+            "steps_per_generation=1) and grow the batch with gradient_accumulation_steps instead")
+    if per_device_batch_size % num_generations:
+        fix = num_generations * max(1, per_device_batch_size // num_generations)
+        problems.append(
+            f"per_device_train_batch_size={per_device_batch_size} is not a multiple of num_generations="
+            f"{num_generations}; set it to a multiple, e.g. {fix}")
+    if problems:
+        raise ValueError("GVPO needs all completions of a prompt in the same micro-batch: " + "; ".join(problems))
+
+
+def check_whole_groups(group_ids: torch.Tensor, num_generations: int) -> None:
+    """Raise unless every group in ``group_ids`` (B,) has exactly ``num_generations`` members.
+
+    GVPO centres rewards and implicit rewards over the whole group, so a partial group gives a wrong loss.
+    """
+    _, counts = torch.unique(group_ids, return_counts=True)
+    if (counts != num_generations).any():
+        sizes = sorted(set(counts.tolist()))
+        raise ValueError(
+            f"group_ids: this micro-batch holds groups of sizes {sizes}, expected num_generations={num_generations} "
+            "each; GVPO needs whole groups per micro-batch. Set steps_per_generation=1 and make "
+            "per_device_train_batch_size (per_device_eval_batch_size when evaluating) a multiple of "
+            "num_generations (num_generations_eval).")
+
+
+class GVPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` trained with the GVPO loss; same arguments, with ``args`` a :class:`GVPOConfig`."""
+
+    _tag_names = ["trl", "gvpo"]
+    _name = "GVPO"
+    _paper = {"title": "GVPO: Group Variance Policy Optimization for Large Language Model Post-Training",
+              "id": "2504.19599",
+              "citation": "@inproceedings{zhang2025gvpo, title={{GVPO: Group Variance Policy Optimization for Large "
+                          "Language Model Post-Training}}, author={Kaichen Zhang and others}, booktitle={NeurIPS}, "
+                          "year={2025}, eprint={arXiv:2504.19599}}"}
+
+    def __init__(self, model, reward_funcs=None, args: GVPOConfig | None = None, *more, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = GVPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-GVPO")
+        if not isinstance(args, GVPOConfig):
+            raise TypeError(f"args: expected a GVPOConfig, got {type(args).__name__}; build a GVPOConfig with the same "
+                            "arguments (its beta is GVPO's beta, default 0.1; a GRPOConfig's beta is TRL's KL "
+                            "coefficient).")
+        self.gvpo_beta = args.beta
+        # TRL reads args.beta as its KL coefficient while it builds the trainer (beta != 0 loads a reference model
+        # or a "ref" PEFT adapter, and later adds a KL term). Show it 0 so it builds neither and keeps
+        # self.beta = 0; args.beta is GVPO's beta again afterwards (it is what gets saved with checkpoints).
+        args.beta = 0.0
+        try:
+            super().__init__(model, reward_funcs, args, *more, **kwargs)
+        finally:
+            args.beta = self.gvpo_beta
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        # TRL's RepeatSampler puts the k completions of a prompt next to each other in the global generation batch,
+        # and each process holds a contiguous slice of it. Number the groups now, before _prepare_inputs shuffles
+        # the rows; identical prompt text would be a weaker key (two dataset rows may share a prompt).
+        k = self.num_generations if self.model.training else self.num_generations_eval
+        B = output["completion_ids"].size(0)
+        start = self.accelerator.process_index * B
+        output["group_ids"] = torch.arange(start, start + B, device=output["completion_ids"].device) // k  # (B,)
+        return output
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        group_ids = inputs["group_ids"]  # (B,)
+        check_whole_groups(group_ids, self.num_generations if mode == "train" else self.num_generations_eval)
+
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]  # (B, P)
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]  # (B, T)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]  # (B, T)
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, torch.cat([prompt_ids, completion_ids], dim=1), torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1), compute_entropy=True, compute_aux_loss=self.aux_loss_enabled,
+            **{key: inputs.get(key) for key in _FORWARD_KEYS},
+        )  # (B, T)
+        # pi_theta' is the policy that generated the batch. TRL computes old_per_token_logps only when that policy
+        # can differ from the current one (num_iterations > 1, generation out of step with the optimizer, vLLM);
+        # otherwise the current log-probs are the same numbers, detached (as the authors do).
+        old_logps = inputs.get("old_per_token_logps")
+        old_logps = logps.detach() if old_logps is None else old_logps  # (B, T)
+        # With scale_rewards="none" (enforced by GVPOConfig) TRL's advantages are the rewards centred per group;
+        # only centred rewards enter GVPO, and gvpo_loss's own centring leaves them unchanged.
+        rewards = inputs["advantages"]  # (B,)
+
+        # GRPOTrainer declares loss_is_scaled_for_ga, so each micro-batch divides by the groups of the whole
+        # optimizer step: micro-batches hold equally many whole groups, so the accumulated gradient is that of the
+        # mean over the step's groups. Across processes DDP averages, which is again the mean over all groups.
+        num_groups = torch.unique(group_ids).numel()
+        if mode == "train":
+            num_groups *= self.current_gradient_accumulation_steps
+        loss, metrics = gvpo_loss(logps, old_logps, mask, rewards, group_ids, beta=self.gvpo_beta,
+                                  num_groups=num_groups)
+        if self.aux_loss_enabled:  # MoE load-balancing loss, scaled for accumulation like TRL does
+            loss = loss + self.router_aux_loss_coef * aux_loss / (self.current_gradient_accumulation_steps
+                                                                   if mode == "train" else 1.0)
+
+        # One gather for all metrics: per-process means for GVPO's, token-weighted totals for the entropy
+        m = mask.to(entropies.dtype)
+        local = torch.stack([*(metrics[name].to(m.dtype) for name in _LOGGED), (entropies.detach() * m).sum(), m.sum()])
+        gathered = self.accelerator.gather(local.unsqueeze(0))  # (processes, 5)
+        for name, value in zip(_LOGGED, gathered[:, :3].mean(0).tolist()):
+            self._metrics[mode][f"gvpo/{name}"].append(value)
+        self._metrics[mode]["entropy"].append((gathered[:, 3].sum() / gathered[:, 4].sum().clamp(min=1)).item())
+        return loss
