@@ -170,3 +170,14 @@ def test_reward_returning_garbage_is_named(tmp_path, tiny_model_dir):
     cfg = config_for(tmp_path, tiny_model_dir, max_steps=1)
     with pytest.raises(RewardError, match="wrong_length.*returned 1 values for 64 completions"):
         train(cfg, reward_funcs=[sevens, wrong_length], train_rows=ROWS, eval_rows=ROWS[:4])
+
+
+def test_a_step_with_no_scorable_response_does_not_crash(tmp_path, tiny_model_dir):
+    def never(prompts, completions, **kw):
+        return [None] * len(completions)
+
+    cfg = config_for(tmp_path, tiny_model_dir, max_steps=2, num_mini_batches=2)
+    summary = train(cfg, reward_funcs=[never], train_rows=ROWS, eval_rows=ROWS[:4])
+    rows = [r for r in read(tmp_path / "run") if "unscored" in r]
+    assert summary["steps"] == 2 and all(r["unscored"] == 64 for r in rows)
+    assert summary["final_accuracy"] == 0.0

@@ -10,6 +10,7 @@ same batches; only the loss differs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -176,26 +177,32 @@ def _update(model, policy, optimizer, scheduler, accelerator, old_policy, batch:
     # authors do); otherwise its log-probs must be taken once, before the first update changes the weights.
     reuse_detached = updates == 1 and old_policy.mode == "previous"
     with torch.no_grad():
-        if not reuse_detached:
+        if not reuse_detached and len(batch):
             batch.old_logps = old_policy.logps(policy, batch, temperature)
-        if old_policy.needs_ref:
+        if old_policy.needs_ref and len(batch):
             batch.ref_logps = old_policy.ref_logps(policy, batch, temperature)
     policy.train(config.model.gradient_checkpointing)  # train mode only for checkpointing; dropout is off
     stats: dict[str, list] = {}
     for _ in range(cfg_a.num_iterations):
-        for mini in split_groups(batch, cfg_a.num_mini_batches):
+        for mini in _mini_batches(batch, cfg_a.num_mini_batches):
             totals_mb = _global_counts(mini, accelerator)
-            for micro in split_groups(mini, _num_micro(mini, cfg_t.micro_batch_prompts)):
-                with accelerator.autocast():
-                    logps = token_logps(model, micro.input_ids, micro.attention_mask, micro.position_ids,
-                                        micro.completion_mask.shape[1], temperature)
-                old = logps.detach() if reuse_detached else micro.old_logps
-                if cfg_a.algorithm != "gvpo" and bool(micro.is_replayed.any()):
-                    # The baselines' importance ratio is taken against the sampler of a replayed response;
-                    # GVPO needs none (Corollary 3.2).
-                    old = torch.where(micro.is_replayed[:, None], micro.behavior_logps, old)
-                loss, m = _loss(loss_fn, cfg_a, logps, old, micro, totals_mb, accelerator.num_processes)
-                accelerator.backward(loss)
+            micros = split_groups(mini, _num_micro(mini, cfg_t.micro_batch_prompts)) if mini is not None else [None]
+            for j, micro in enumerate(micros):
+                # Gradients are reduced across ranks once per mini-batch, on its last micro-batch.
+                with _accumulate(accelerator, model, sync=j == len(micros) - 1):
+                    if micro is None:  # this rank has no scorable group: join the gradient all-reduce with 0
+                        accelerator.backward(_zero_loss(model, batch))  # noqa: B012
+                        continue
+                    with accelerator.autocast():
+                        logps = token_logps(model, micro.input_ids, micro.attention_mask, micro.position_ids,
+                                            micro.completion_mask.shape[1], temperature)
+                    old = logps.detach() if reuse_detached else micro.old_logps
+                    if cfg_a.algorithm != "gvpo" and bool(micro.is_replayed.any()):
+                        # The baselines' importance ratio is taken against the sampler of a replayed
+                        # response; GVPO needs none (Corollary 3.2).
+                        old = torch.where(micro.is_replayed[:, None], micro.behavior_logps, old)
+                    loss, m = _loss(loss_fn, cfg_a, logps, old, micro, totals_mb, accelerator.num_processes)
+                    accelerator.backward(loss)
                 for k, v in m.items():
                     stats.setdefault(k, []).append(float(v))
             grad_norm = _clip(accelerator, model, config.optimizer.max_grad_norm)
@@ -214,6 +221,26 @@ def _update(model, policy, optimizer, scheduler, accelerator, old_policy, batch:
     return metrics
 
 
+def _mini_batches(batch: Batch, n: int) -> list[Batch | None]:
+    """Exactly ``n`` mini-batches of whole groups (``None`` for an empty one), so that every rank makes the
+    same number of optimizer steps, as collective gradient reduction requires."""
+    minis = split_groups(batch, n) if len(batch) else []
+    return minis + [None] * (n - len(minis))
+
+
+@contextlib.contextmanager
+def _accumulate(accelerator, model, sync: bool):
+    """Accumulate gradients locally until ``sync``; DeepSpeed reads the flag, DDP/FSDP need ``no_sync``."""
+    accelerator.gradient_state._set_sync_gradients(sync)
+    with contextlib.nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model):
+        yield
+
+
+def _zero_loss(model, batch: Batch) -> torch.Tensor:
+    token = torch.zeros((1, 1), dtype=torch.long, device=batch.input_ids.device)
+    return model(input_ids=token, use_cache=False).logits.sum() * 0.0
+
+
 def _loss(loss_fn, cfg_a, logps, old, micro: Batch, totals_mb: dict, world: int):
     """The micro-batch's share of the mini-batch loss, scaled so that summing over micro-batches and
     averaging over ranks (DDP) gives the loss of the whole mini-batch."""
@@ -228,8 +255,9 @@ def _loss(loss_fn, cfg_a, logps, old, micro: Batch, totals_mb: dict, world: int)
     return loss * len(micro) * world / max(totals_mb["sequences"], 1), m
 
 
-def _global_counts(mini: Batch, accelerator) -> dict:
-    counts = torch.tensor([float(mini.num_groups_used()), float(len(mini))], device=accelerator.device)
+def _global_counts(mini: Batch | None, accelerator) -> dict:
+    local = [float(mini.num_groups_used()), float(len(mini))] if mini is not None else [0.0, 0.0]
+    counts = torch.tensor(local, device=accelerator.device)
     counts = accelerator.reduce(counts, reduction="sum") if accelerator.num_processes > 1 else counts
     return {"groups": counts[0].item(), "sequences": counts[1].item()}
 
