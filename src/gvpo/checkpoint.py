@@ -107,6 +107,13 @@ def load_model_weights(model, path: Path) -> None:
     state = {}
     for f in files:
         state.update(load_file(str(f)))
+    if hasattr(model, "peft_config"):  # a LoRA checkpoint holds the adapter weights only
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise RuntimeError(f"{path}: adapter does not match the model (unexpected {result.unexpected_keys[:3]})")
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied weights (lm_head = embed_tokens) are saved once; anything else missing is a real mismatch.
     missing = [m for m in missing if not m.endswith("lm_head.weight")]

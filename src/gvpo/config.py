@@ -38,6 +38,20 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class PeftConfig:
+    # Train LoRA adapters (peft) instead of all weights; names as in TRL's ModelConfig.
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    # Module names to adapt; empty = peft's default for the architecture.
+    lora_target_modules: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.lora_r < 1:
+            _fail("lora_r", self.lora_r, "must be >= 1")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     # Built-in synthetic task (see gvpo.tasks.TASKS), used when `dataset` is empty.
     task: str = "arithmetic"
@@ -226,6 +240,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)

@@ -39,10 +39,14 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
     (lists of dicts with a ``prompt`` column) replace the configured data.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     config = config or Config()
     cfg_t, cfg_r, cfg_a, cfg_o = config.training, config.rollout, config.algorithm, config.optimizer
+    # accelerate keeps its settings in a process-wide singleton; a second train() in the same process (sweeps,
+    # tests) may ask for another mixed precision, so the accelerator-level part is reset (not the process group).
+    AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True without CUDA: accelerate then treats torchrun's / accelerate launch's processes as MULTI_CPU (gloo).
     accelerator = Accelerator(mixed_precision="bf16" if cfg_t.bf16 else "no", cpu=not torch.cuda.is_available())
     set_seed(cfg_t.seed)
@@ -280,8 +284,21 @@ def _clip(accelerator, model, max_norm: float) -> float:
 
 def _prepare_model(model, config: Config):
     if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        # Non-reentrant checkpointing works with frozen embeddings (LoRA) without enable_input_require_grads.
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.peft.use_peft:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise ImportError("peft.use_peft=true needs `pip install gvpo[peft]`") from e
+        p = config.peft
+        model = get_peft_model(model, LoraConfig(
+            r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+            target_modules=list(p.lora_target_modules) or None))
     # Dropout would make pi_theta' != pi_theta on the same weights; RL fine-tuning runs without it.
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
