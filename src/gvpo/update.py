@@ -1,0 +1,120 @@
+"""The update of one training step: mini-batches and micro-batches of whole groups, one loss for all three
+algorithms, gradient reduction once per mini-batch, and a skipped (counted) update on a non-finite gradient."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from gvpo.batch import Batch, split_groups
+from gvpo.losses import LOSSES
+from gvpo.modeling import token_logps
+
+
+def update(run, batch: Batch) -> dict:
+    """log-probs under pi_theta' (once), then ``num_iterations`` passes of ``num_mini_batches`` updates."""
+    config, accelerator, model, policy = run.config, run.accelerator, run.model, run.policy
+    old_policy, optimizer, scheduler, totals = run.old_policy, run.optimizer, run.scheduler, run.totals
+    cfg_a, cfg_t = config.algorithm, config.training
+    temperature = config.rollout.temperature
+    loss_fn = LOSSES[cfg_a.algorithm]
+    updates = cfg_a.num_iterations * cfg_a.num_mini_batches
+    # With one update per batch, pi_theta' = the generating policy is exactly logps.detach() (as the
+    # authors do); otherwise its log-probs must be taken once, before the first update changes the weights.
+    reuse_detached = updates == 1 and old_policy.mode == "previous"
+    with torch.no_grad():
+        if not reuse_detached and len(batch):
+            batch.old_logps = old_policy.logps(policy, batch, temperature)
+        if old_policy.needs_ref and len(batch):
+            batch.ref_logps = old_policy.ref_logps(policy, batch, temperature)
+    policy.train(config.model.gradient_checkpointing)  # train mode only for checkpointing; dropout is off
+    stats: dict[str, list] = {}
+    for _ in range(cfg_a.num_iterations):
+        for mini in _mini_batches(batch, cfg_a.num_mini_batches):
+            totals_mb = _global_counts(mini, accelerator)
+            micros = split_groups(mini, _num_micro(mini, cfg_t.micro_batch_prompts)) if mini is not None else [None]
+            for j, micro in enumerate(micros):
+                # Gradients are reduced across ranks once per mini-batch, on its last micro-batch.
+                with _accumulate(accelerator, model, sync=j == len(micros) - 1):
+                    if micro is None:  # this rank has no scorable group: join the gradient all-reduce with 0
+                        accelerator.backward(_zero_loss(model, batch))  # noqa: B012
+                        continue
+                    with accelerator.autocast():
+                        logps = token_logps(model, micro.input_ids, micro.attention_mask, micro.position_ids,
+                                            micro.completion_mask.shape[1], temperature)
+                    old = logps.detach() if reuse_detached else micro.old_logps
+                    if cfg_a.algorithm != "gvpo" and bool(micro.is_replayed.any()):
+                        # The baselines' importance ratio is taken against the sampler of a replayed
+                        # response; GVPO needs none (Corollary 3.2).
+                        old = torch.where(micro.is_replayed[:, None], micro.behavior_logps, old)
+                    loss, m = _loss(loss_fn, cfg_a, logps, old, micro, totals_mb, accelerator.num_processes)
+                    accelerator.backward(loss)
+                for k, v in m.items():
+                    stats.setdefault(k, []).append(float(v))
+            grad_norm = _clip(accelerator, model, config.optimizer.max_grad_norm)
+            if not math.isfinite(grad_norm):  # skip and count, never step on a corrupt gradient
+                totals["skipped_updates"] += 1
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            old_policy.after_update(policy)
+            stats.setdefault("grad_norm", []).append(grad_norm)
+    policy.eval()
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def _mini_batches(batch: Batch, n: int) -> list[Batch | None]:
+    """Exactly ``n`` mini-batches of whole groups (``None`` for an empty one), so that every rank makes the
+    same number of optimizer steps, as collective gradient reduction requires."""
+    minis = split_groups(batch, n) if len(batch) else []
+    return minis + [None] * (n - len(minis))
+
+
+@contextlib.contextmanager
+def _accumulate(accelerator, model, sync: bool):
+    """Accumulate gradients locally until ``sync``; DeepSpeed reads the flag, DDP/FSDP need ``no_sync``."""
+    accelerator.gradient_state._set_sync_gradients(sync)
+    with contextlib.nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model):
+        yield
+
+
+def _zero_loss(model, batch: Batch) -> torch.Tensor:
+    token = torch.zeros((1, 1), dtype=torch.long, device=batch.input_ids.device)
+    return model(input_ids=token, use_cache=False).logits.sum() * 0.0
+
+
+def _loss(loss_fn, cfg_a, logps, old, micro: Batch, totals_mb: dict, world: int):
+    """The micro-batch's share of the mini-batch loss, scaled so that summing over micro-batches and
+    averaging over ranks (DDP) gives the loss of the whole mini-batch."""
+    args = (logps, old, micro.completion_mask, micro.rewards, micro.group_ids)
+    if cfg_a.algorithm == "gvpo":
+        return loss_fn(*args, beta=cfg_a.beta, num_groups=max(totals_mb["groups"], 1) / world)
+    kwargs = dict(epsilon=cfg_a.epsilon, epsilon_high=cfg_a.epsilon_high, kl_coef=cfg_a.kl_coef,
+                  ref_logps=micro.ref_logps)
+    if cfg_a.algorithm == "dr_grpo":
+        kwargs["max_completion_length"] = micro.completion_mask.shape[1]
+    loss, m = loss_fn(*args, **kwargs)
+    return loss * len(micro) * world / max(totals_mb["sequences"], 1), m
+
+
+def _global_counts(mini: Batch | None, accelerator) -> dict:
+    local = [float(mini.num_groups_used()), float(len(mini))] if mini is not None else [0.0, 0.0]
+    counts = torch.tensor(local, device=accelerator.device)
+    counts = accelerator.reduce(counts, reduction="sum") if accelerator.num_processes > 1 else counts
+    return {"groups": counts[0].item(), "sequences": counts[1].item()}
+
+
+def _num_micro(mini: Batch, micro_batch_prompts: int) -> int:
+    groups = len(mini.group_ids.unique())
+    return 1 if not micro_batch_prompts else max(1, math.ceil(groups / micro_batch_prompts))
+
+
+def _clip(accelerator, model, max_norm: float) -> float:
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
