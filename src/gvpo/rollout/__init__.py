@@ -1,0 +1,30 @@
+"""Rollout engines: objects with one method, ``generate(prompt_ids, num_generations, params, generator) -> Rollout``.
+
+- "fast": our KV-cache sampler (prefill once per prompt, in-place cache, finished rows leave the batch).
+- "hf": transformers' ``model.generate``, the reference.
+- "vllm": a vLLM copy of the model (``pip install gvpo[vllm]``); call ``engine.sync_weights(model)`` after updates.
+"""
+
+from __future__ import annotations
+
+from gvpo.rollout.base import processed_logps, sample_tokens
+from gvpo.rollout.fast import FastEngine
+from gvpo.rollout.hf import HFEngine
+
+ENGINES = ("fast", "hf", "vllm")
+
+
+def make_engine(name: str, model, tokenizer, **kwargs):
+    """Build the rollout engine called `name` ("fast", "hf" or "vllm") around a live model and its tokenizer."""
+    if name == "fast":
+        return FastEngine(model, tokenizer, **kwargs)
+    if name == "hf":
+        return HFEngine(model, tokenizer, **kwargs)
+    if name == "vllm":
+        from gvpo.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, **kwargs)
+    raise ValueError(f"rollout engine {name!r} is unknown: use one of {ENGINES}")
+
+
+__all__ = ["ENGINES", "FastEngine", "HFEngine", "make_engine", "processed_logps", "sample_tokens"]

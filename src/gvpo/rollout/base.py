@@ -1,0 +1,158 @@
+"""Helpers shared by the rollout engines: the sampling distribution, padding, stop strings, the Rollout record.
+
+Every engine samples from the distribution defined by ``processed_logps`` and reports the log-prob of the
+sampled token under that same distribution (``behavior_logps``), so importance weights computed downstream
+refer to what was actually sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gvpo.types import Rollout, SamplingParams
+
+
+def processed_logps(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-probs of the distribution sampled from: temperature, then top-k, then top-p (HF generate's order).
+
+    logits (N, V) -> (N, V) float32. Filtered tokens get -inf. At temperature 0 (greedy) the raw log-softmax
+    is returned: greedy decoding samples from no distribution, and the raw model log-prob is the useful number.
+    Ties follow transformers' TopK/TopP warpers: top-k keeps every token tied with the k-th; top-p keeps the
+    smallest set of most likely tokens whose mass reaches top_p (the token that crosses it included).
+    """
+    logits = logits.float()
+    if params.temperature == 0:
+        return torch.log_softmax(logits, dim=-1)
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum <= 1 - params.top_p
+        drop_sorted[..., -1] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def sample_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row: (tokens (N,) long, behavior_logps (N,) float32). All randomness comes from `generator`."""
+    logps = processed_logps(logits, params)
+    if params.temperature == 0:
+        tokens = logps.argmax(dim=-1)
+    else:
+        probs = logps.exp()
+        if generator is not None and generator.device.type != probs.device.type:
+            probs = probs.to(generator.device)  # e.g. a CPU generator with a model on GPU
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logps.device)
+    return tokens, logps.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (P, L), attention_mask (P, L)) with prompts right-aligned, as decoder-only generation needs."""
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids is empty: pass at least one prompt (a list of token ids)")
+    lengths = [len(p) for p in prompt_ids]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt_ids[{lengths.index(0)}] is empty: every prompt needs at least one token")
+    width = max(lengths)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, prompt in enumerate(prompt_ids):
+        ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def special_token_ids(model, tokenizer) -> tuple[tuple[int, ...], int]:
+    """(eos_token_ids, pad_token_id). EOS ids are the union of the tokenizer's and the generation config's
+    (chat models often stop on several ids, e.g. Qwen's <|im_end|> and <|endoftext|>)."""
+    eos: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, getattr(tokenizer, "eos_token_id", None)):
+        for token in [value] if isinstance(value, int) else (value or []):
+            if token is not None and token not in eos:
+                eos.append(int(token))
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return tuple(eos), int(pad)
+
+
+def stop_string_cut(token_ids: Sequence[int], tokenizer, stop_strings: Sequence[str]) -> int | None:
+    """Number of tokens to keep so that the completion ends right after its first stop string; None if none occurs.
+
+    The cut is the shortest token prefix whose decoded text contains a stop string (binary search: decoding
+    a longer prefix never removes text). A stop string split across tokens ends the completion at the token
+    that completes it.
+    """
+    if not stop_strings or not token_ids:
+        return None
+
+    def hit(n: int) -> bool:
+        text = tokenizer.decode(list(token_ids[:n]), skip_special_tokens=True)
+        return any(s in text for s in stop_strings)
+
+    if not hit(len(token_ids)):
+        return None
+    lo, hi = 1, len(token_ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hit(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def build_rollout(
+    completion_ids: torch.Tensor,
+    behavior_logps: torch.Tensor,
+    lengths: torch.Tensor,
+    num_generations: int,
+    pad_token_id: int,
+    tokenizer=None,
+    stop_strings: Sequence[str] = (),
+    extra: dict | None = None,
+) -> Rollout:
+    """Assemble a Rollout (on the device of the inputs) from raw engine output, applying stop strings and
+    cleaning everything past each end.
+
+    completion_ids (N, T) long and behavior_logps (N, T) may hold anything after ``lengths`` (N,) (tokens
+    sampled after EOS by rows that had not left the batch yet); they become pad / 0 here.
+    """
+    lengths = lengths.clone().long()
+    if stop_strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer: pass the tokenizer to the engine")
+        for row in range(completion_ids.shape[0]):
+            n = int(lengths[row])
+            cut = stop_string_cut(completion_ids[row, :n].tolist(), tokenizer, stop_strings)
+            if cut is not None:
+                lengths[row] = cut
+    width = max(int(lengths.max()), 1) if lengths.numel() else 1
+    mask = (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).long()  # (N, T)
+    ids = completion_ids[:, :width].masked_fill(mask == 0, pad_token_id)
+    logps = behavior_logps[:, :width].float().masked_fill(mask == 0, 0.0)
+    num_prompts = completion_ids.shape[0] // num_generations
+    prompt_index = torch.arange(num_prompts, device=lengths.device).repeat_interleave(num_generations)
+    return Rollout(ids, mask, logps, prompt_index, extra=dict(extra or {}))
+
+
+def validate_request(prompt_ids, num_generations: int, params: SamplingParams, tokenizer=None) -> None:
+    """Fail early with a message that says how to fix the call."""
+    if num_generations < 1:
+        raise ValueError(f"num_generations={num_generations}: must be >= 1")
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a gvpo.types.SamplingParams, got {type(params).__name__}")
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids is empty: pass at least one prompt (a list of token ids)")
+    if params.stop_strings and tokenizer is None:
+        raise ValueError("params.stop_strings need a tokenizer: build the engine with the model's tokenizer")

@@ -1,0 +1,191 @@
+"""Our own KV-cache sampler for Hugging Face causal LMs: prefill once per prompt, decode k samples per prompt.
+
+Why not ``model.generate``: for RL rollouts it prefills every prompt k times, re-copies the whole KV cache at
+every step (DynamicCache grows by concatenation), rebuilds masks and runs its logits-processor machinery per
+step, and keeps finished rows in the batch until the longest one ends. On small models that overhead, not the
+arithmetic, sets the speed (GUIDE 7).
+
+Two model backends share one decode loop (``_decode_loop``):
+- ``LlamaStyleDecoder`` (kv_decoder.py): Llama/Qwen2/Qwen3/Mistral-style models are run layer by layer with
+  their own weights, a preallocated cache and a hand-built mask; no HF forward per step.
+- ``HFCacheBackend`` below: any other model with a cache, through its forward and a DynamicCache.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from gvpo.rollout.base import build_rollout, left_pad, sample_tokens, special_token_ids, validate_request
+from gvpo.rollout.kv_decoder import LlamaStyleDecoder, unsupported_reason
+from gvpo.types import Rollout, SamplingParams
+
+
+class HFCacheBackend:
+    """Generic path: the model's own forward with a DynamicCache (any architecture that supports one)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def prefill(self, input_ids, attention_mask, num_generations: int, max_new_tokens: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+        )
+        # The cache is filled once per prompt, then copied k-fold: prompt tokens are computed once.
+        self.cache.batch_repeat_interleave(num_generations)
+        self.attention_mask = attention_mask.repeat_interleave(num_generations, dim=0)
+        self.positions = attention_mask.sum(-1).repeat_interleave(num_generations)  # (N,) next position
+        return out.logits[:, -1].repeat_interleave(num_generations, dim=0)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        ones = self.attention_mask.new_ones(tokens.shape[0], 1)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        out = self.model(
+            input_ids=tokens[:, None], attention_mask=self.attention_mask, position_ids=self.positions[:, None],
+            past_key_values=self.cache, use_cache=True,
+        )
+        self.positions = self.positions + 1
+        return out.logits[:, -1]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.attention_mask = self.attention_mask[rows]
+        self.positions = self.positions[rows]
+
+
+class FastEngine:
+    """KV-cache rollout engine. Holds a reference to the live model; the trainer may update it in place.
+
+    Args:
+        eos_token_ids: ids that end a completion; default: tokenizer's and generation config's EOS. Pass ()
+            to always generate max_new_tokens (benchmarks).
+        compact_fraction: finished rows leave the batch once they are at least this fraction of it (their
+            cache rows are dropped); they also leave whenever the cache grows.
+        stop_check_every: how often (steps) completions are decoded to let rows that produced a stop string
+            leave early; the exact cut is always made afterwards.
+        backend: "auto" (hand-written decoder when the architecture is supported), "layers" or "hf".
+    """
+
+    name = "fast"
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        eos_token_ids=None,
+        compact_fraction: float = 0.25,
+        stop_check_every: int = 8,
+        backend: str = "auto",
+    ):
+        if backend not in ("auto", "layers", "hf"):
+            raise ValueError(f"backend={backend!r}: use 'auto', 'layers' or 'hf'")
+        if not 0 < compact_fraction <= 1:
+            raise ValueError(f"compact_fraction={compact_fraction}: must be in (0, 1]")
+        self.model = model
+        self.tokenizer = tokenizer
+        default_eos, self.pad_token_id = special_token_ids(model, tokenizer)
+        self.eos_token_ids = tuple(default_eos if eos_token_ids is None else eos_token_ids)
+        self.compact_fraction = compact_fraction
+        self.stop_check_every = stop_check_every
+        self.backend = backend
+
+    def _make_backend(self, total_len: int):
+        reason = unsupported_reason(self.model, total_len)
+        if self.backend == "layers" and reason:
+            raise ValueError(f"backend='layers' cannot run this model: {reason}; use backend='auto' or 'hf'")
+        if self.backend == "hf" or reason:
+            return HFCacheBackend(self.model)
+        return LlamaStyleDecoder(self.model)
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        num_generations: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        validate_request(prompt_ids, num_generations, params, self.tokenizer)
+        start = time.perf_counter()
+        input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id)
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        backend = self._make_backend(input_ids.shape[1] + params.max_new_tokens)
+        was_training = self.model.training
+        self.model.eval()  # dropout off: behavior_logps must describe the sampler exactly
+        try:
+            with torch.inference_mode():
+                ids, logps, lengths, stats = _decode_loop(
+                    backend, input_ids, attention_mask, num_generations, params, generator,
+                    self.eos_token_ids, self.compact_fraction, self._stop_checker(params),
+                )
+        finally:
+            self.model.train(was_training)
+        stats.update(engine=self.name, backend=type(backend).__name__, time_s=time.perf_counter() - start)
+        return build_rollout(
+            ids, logps, lengths, num_generations, self.pad_token_id,
+            self.tokenizer, params.stop_strings, stats,
+        )
+
+    def _stop_checker(self, params: SamplingParams):
+        """A function (ids (n, t)) -> bool (n,): which rows already contain a stop string; None if unused."""
+        if not params.stop_strings or self.stop_check_every <= 0:
+            return None
+        stops, tokenizer = params.stop_strings, self.tokenizer
+
+        def check(ids: torch.Tensor) -> torch.Tensor:
+            texts = tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+            return torch.tensor([any(s in text for s in stops) for text in texts], dtype=torch.bool)
+
+        check.every = self.stop_check_every
+        return check
+
+
+def _decode_loop(backend, input_ids, attention_mask, k, params, generator, eos_ids, compact_fraction, stop_check):
+    """Sample up to max_new_tokens per row. Returns (ids (N, T), logps (N, T), lengths (N,), stats).
+
+    Rows past their end keep sampling until they are compacted away; build_rollout blanks what they wrote.
+    """
+    device = input_ids.device
+    num_rows, max_new = input_ids.shape[0] * k, params.max_new_tokens
+    out_ids = torch.zeros((num_rows, max_new), dtype=torch.long, device=device)
+    out_logps = torch.zeros((num_rows, max_new), dtype=torch.float32, device=device)
+    lengths = torch.full((num_rows,), max_new, dtype=torch.long, device=device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    rows = torch.arange(num_rows, device=device)  # batch position -> output row
+    finished = torch.zeros(num_rows, dtype=torch.bool, device=device)  # per batch position
+    compactions = 0
+
+    logits = backend.prefill(input_ids, attention_mask, k, max_new)
+    for t in range(max_new):
+        tokens, logps = sample_tokens(logits, params, generator)
+        out_ids[rows, t] = tokens
+        out_logps[rows, t] = logps
+        done = torch.isin(tokens, eos) if eos.numel() else torch.zeros_like(finished)
+        if stop_check is not None and (t + 1) % stop_check.every == 0:
+            done |= stop_check(out_ids[rows, : t + 1]).to(device)
+        newly = done & ~finished
+        if bool(newly.any()):
+            lengths[rows[newly]] = t + 1
+            finished |= newly
+        if t == max_new - 1:
+            break
+        num_done = int(finished.sum())
+        if num_done == finished.numel():
+            break
+        grow = getattr(backend, "needs_growth", lambda: False)()
+        if num_done and (grow or num_done >= math.ceil(compact_fraction * finished.numel())):
+            keep = (~finished).nonzero().squeeze(-1)
+            backend.select(keep)
+            rows, tokens, finished = rows[keep], tokens[keep], finished[keep]
+            compactions += 1
+        logits = backend.step(tokens)
+    stats = {"num_tokens": int(lengths.sum()), "compactions": compactions, "prefill_rows": input_ids.shape[0]}
+    return out_ids, out_logps, lengths, stats

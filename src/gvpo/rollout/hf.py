@@ -1,0 +1,111 @@
+"""The reference engine: transformers' ``model.generate``. Slower than "fast", but it runs any generative model."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from gvpo.rollout.base import build_rollout, left_pad, special_token_ids, validate_request
+from gvpo.types import Rollout, SamplingParams
+
+
+class HFEngine:
+    """Rollouts with ``model.generate``; behavior_logps come from its processed scores (``output_scores``),
+    i.e. the logits after the warpers that it sampled from.
+
+    Args:
+        eos_token_ids: ids that end a completion; default: tokenizer's and generation config's EOS. Pass () to
+            always generate max_new_tokens.
+    """
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, *, eos_token_ids=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        default_eos, self.pad_token_id = special_token_ids(model, tokenizer)
+        self.eos_token_ids = tuple(default_eos if eos_token_ids is None else eos_token_ids)
+
+    def generation_config(self, params: SamplingParams):
+        from transformers import GenerationConfig
+
+        sampling = {}
+        if params.temperature > 0:
+            # Explicit neutral values: generate fills unset fields from the checkpoint's generation_config,
+            # which would otherwise change the distribution behind our back (e.g. its default top_k=50).
+            sampling = dict(
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                typical_p=1.0, repetition_penalty=1.0,
+            )
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=params.temperature > 0,
+            eos_token_id=list(self.eos_token_ids),  # [] (not None) disables EOS
+            pad_token_id=self.pad_token_id,
+            stop_strings=list(params.stop_strings) or None,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **sampling,
+        )
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        num_generations: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        validate_request(prompt_ids, num_generations, params, self.tokenizer)
+        start = time.perf_counter()
+        input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id)
+        device = next(self.model.parameters()).device
+        config = self.generation_config(params)
+        # Rows repeated here rather than num_return_sequences, which greedy decoding refuses.
+        input_ids = input_ids.repeat_interleave(num_generations, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_generations, dim=0)
+        extra = {"tokenizer": self.tokenizer} if params.stop_strings else {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with _seeded(generator, device), torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    generation_config=config, **extra,
+                )
+        finally:
+            self.model.train(was_training)
+        completion = out.sequences[:, input_ids.shape[1] :]  # (N, T)
+        scores = torch.stack(out.scores, dim=1).float()  # (N, T, V) processed logits
+        logps = torch.log_softmax(scores, dim=-1).gather(-1, completion[..., None]).squeeze(-1)
+        lengths = _lengths(completion, self.eos_token_ids)
+        stats = {"engine": self.name, "num_tokens": int(lengths.sum()), "time_s": time.perf_counter() - start}
+        return build_rollout(
+            completion, logps, lengths, num_generations, self.pad_token_id, self.tokenizer, params.stop_strings, stats
+        )
+
+
+def _lengths(completion: torch.Tensor, eos_ids) -> torch.Tensor:
+    """Tokens up to and including the first EOS; rows without EOS keep all generated steps (HF pads after
+    a row stops, with pad_token_id, which may equal an EOS id; only the first EOS counts)."""
+    num_rows, width = completion.shape
+    if not eos_ids:
+        return torch.full((num_rows,), width, dtype=torch.long, device=completion.device)
+    is_eos = torch.isin(completion, torch.tensor(eos_ids, dtype=torch.long, device=completion.device))
+    first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) + 1, width)
+    return first.long()
+
+
+@contextlib.contextmanager
+def _seeded(generator: torch.Generator | None, device: torch.device):
+    """generate() has no generator argument: seed the global RNG from `generator` inside a forked RNG state,
+    so the result is a function of the generator and the caller's global RNG is left untouched."""
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

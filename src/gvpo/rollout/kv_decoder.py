@@ -1,0 +1,202 @@
+"""A hand-written decode step for Llama-style decoders (Llama, Qwen2, Qwen3, Mistral), reading the model's weights.
+
+Why: on CPU with small models a decode step through HF's forward is dominated by Python and mask-building
+overhead, and DynamicCache copies the whole cache at every step. Here one step is ~20 tensor ops per layer:
+fused QKV and gate/up projections, RoPE from a precomputed table, the new key/value written in place into a
+preallocated cache, and attention as two batched matmuls over the cache with an additive mask.
+
+Cache layout: (rows, kv_heads, capacity, head_dim) per layer. Attention always spans the full capacity, so
+each (row, head) block is one contiguous matrix for bmm (a strided slice would make torch copy it); unwritten
+slots are masked with -inf and hold zeros. The capacity grows by ``chunk`` slots at a time, and each
+reallocation also drops rows that have finished, which is when compaction is free.
+
+Prefill runs the model's own forward once per prompt (the k samples share it); its keys/values are copied
+k-fold into the cache. The decode math is checked against HF generate and teacher forcing in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+_STATEFUL_ROPE = ("dynamic", "longrope")  # their inv_freq depends on the sequence length seen so far
+
+
+def unsupported_reason(model, total_len: int) -> str | None:
+    """Why the hand-written decoder cannot run `model` for sequences of `total_len` tokens; None if it can."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    inner = getattr(model, "model", None)
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(inner, name):
+            return f"model.model has no {name}"
+    if type(getattr(model, "lm_head", None)) is not nn.Linear:
+        return "lm_head is not a plain nn.Linear"
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in _STATEFUL_ROPE:
+        return f"rope_type {rope_type!r} changes with the sequence length"
+    # The decoder attends to the whole cache: fine while sequences fit in any sliding window.
+    layer_types = getattr(config, "layer_types", None) or []
+    windowed = model_type == "mistral" or any(t != "full_attention" for t in layer_types)
+    window = getattr(config, "sliding_window", None)
+    if windowed and window is not None and total_len > window:
+        return f"{total_len} tokens exceed sliding_window={window}"
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        modules = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if any(type(m) is not nn.Linear for m in modules):  # LoRA / quantized layers: not plain weights
+            return "projections are not plain nn.Linear (LoRA or quantized?)"
+    return None
+
+
+def _rms_weight_eps(norm: nn.Module) -> tuple[torch.Tensor, float]:
+    return norm.weight, getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+
+def _cat_bias(modules: list[nn.Linear]) -> torch.Tensor | None:
+    if all(m.bias is None for m in modules):
+        return None
+    return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
+
+
+class _Layer:
+    """One decoder layer's weights, fused where that saves kernel launches (QKV, gate/up)."""
+
+    def __init__(self, layer: nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        self.w_qkv, self.b_qkv = torch.cat([m.weight for m in qkv]), _cat_bias(qkv)
+        self.w_o, self.b_o = attn.o_proj.weight, attn.o_proj.bias
+        self.w_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        self.b_gate_up = _cat_bias([mlp.gate_proj, mlp.up_proj])
+        self.w_down, self.b_down = mlp.down_proj.weight, mlp.down_proj.bias
+        self.act = mlp.act_fn
+        self.ln1 = _rms_weight_eps(layer.input_layernorm)
+        self.ln2 = _rms_weight_eps(layer.post_attention_layernorm)
+        # Qwen3 normalises each head's query and key before RoPE.
+        self.q_norm = _rms_weight_eps(attn.q_norm) if hasattr(attn, "q_norm") else None
+        self.k_norm = _rms_weight_eps(attn.k_norm) if hasattr(attn, "k_norm") else None
+        self.scaling = attn.scaling
+        self.keys = self.values = None  # (n, kv_heads, capacity, head_dim)
+
+
+def _rms(x: torch.Tensor, weight_eps) -> torch.Tensor:
+    weight, eps = weight_eps
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaStyleDecoder:
+    """Backend for fast.py's decode loop: prefill(...) -> logits, step(tokens) -> logits, select(rows)."""
+
+    def __init__(self, model, chunk: int = 16):
+        self.model, self.chunk = model, chunk
+        config, inner = model.config, model.model
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.groups = self.num_heads // self.num_kv_heads
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = _rms_weight_eps(inner.norm)
+        self.w_lm, self.b_lm = model.lm_head.weight, model.lm_head.bias
+        # Weights are read (and fused) per generate call: the trainer updates the model in place between calls.
+        self.layers = [_Layer(layer) for layer in inner.layers[: config.num_hidden_layers]]
+
+    # -- prefill ------------------------------------------------------------------------------------------
+    def prefill(self, input_ids, attention_mask, num_generations: int, max_new_tokens: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        prompts, width = input_ids.shape
+        k, dtype, device = num_generations, self.embed.dtype, input_ids.device
+        self.max_len = width + max_new_tokens
+        cache = DynamicCache(config=self.model.config)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )
+        self.cur = width  # next cache slot to write
+        self.capacity = min(width + self.chunk, self.max_len)
+        keep = attention_mask.bool()[:, None, :, None]  # zero padded slots: HF may leave NaN in them
+        shape = (prompts, k, self.num_kv_heads, self.capacity, self.head_dim)
+        for layer, cache_layer in zip(self.layers, cache.layers):
+            for name, prompt_kv in (("keys", cache_layer.keys), ("values", cache_layer.values)):
+                buf = torch.zeros(shape, dtype=dtype, device=device)
+                buf[:, :, :, :width] = torch.where(keep, prompt_kv, 0).to(dtype)[:, None]  # k-fold copy
+                setattr(layer, name, buf.view(prompts * k, *shape[2:]))
+        # Additive mask over cache slots, per kv head so that it reshapes to bmm's batch for free.
+        mask = torch.full((prompts, self.capacity), float("-inf"), dtype=dtype, device=device)
+        mask[:, :width].masked_fill_(attention_mask.bool(), 0.0)
+        self.mask = mask.repeat_interleave(k, 0)[:, None, None, :].repeat(1, self.num_kv_heads, 1, 1).contiguous()
+        self.positions = attention_mask.sum(-1).repeat_interleave(k)  # (N,) RoPE position of the next token
+        rope_positions = torch.arange(self.max_len, device=device)[None]
+        cos, sin = self.model.model.rotary_emb(self.embed[:1], rope_positions)  # (1, max_len, head_dim)
+        self.cos, self.sin = cos[0], sin[0]
+        return out.logits[:, -1].repeat_interleave(k, dim=0)
+
+    # -- cache management ---------------------------------------------------------------------------------
+    def needs_growth(self) -> bool:
+        return self.cur >= self.capacity
+
+    def select(self, rows: torch.Tensor | None) -> None:
+        """Reallocate the cache with room for `chunk` more tokens, keeping only `rows` (None: all)."""
+        capacity = min(self.cur + self.chunk, self.max_len)
+
+        def moved(old: torch.Tensor, dim: int, fill: float) -> torch.Tensor:
+            """`old` with `rows` kept and its slot dimension `dim` resized to `capacity`."""
+            old = old if rows is None else old.index_select(0, rows)
+            shape = list(old.shape)
+            shape[dim] = capacity
+            new = old.new_empty(shape)  # filling all of it would double the memory traffic of a resize
+            new.narrow(dim, 0, self.cur).copy_(old.narrow(dim, 0, self.cur))
+            new.narrow(dim, self.cur, capacity - self.cur).fill_(fill)  # unwritten slots must not be NaN
+            return new
+
+        for layer in self.layers:  # keys/values: (n, kv_heads, capacity, head_dim)
+            layer.keys, layer.values = moved(layer.keys, 2, 0.0), moved(layer.values, 2, 0.0)
+        self.mask = moved(self.mask, 3, float("-inf"))  # (n, kv_heads, 1, capacity)
+        if rows is not None:
+            self.positions = self.positions.index_select(0, rows)
+        self.capacity = capacity
+
+    # -- one decode step ----------------------------------------------------------------------------------
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cur >= self.capacity:
+            self.select(None)
+        n, slot = tokens.shape[0], self.cur
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        q_width = heads * dim
+        self.mask[..., slot] = 0.0
+        mask = self.mask.view(n * kv_heads, 1, self.capacity)
+        cos = self.cos.index_select(0, self.positions)[:, None, :]  # (n, 1, head_dim)
+        sin = self.sin.index_select(0, self.positions)[:, None, :]
+        x = F.embedding(tokens, self.embed)  # (n, hidden)
+        for layer in self.layers:
+            qkv = F.linear(_rms(x, layer.ln1), layer.w_qkv, layer.b_qkv)
+            qk = qkv[:, : q_width + kv_heads * dim].view(n, heads + kv_heads, dim)
+            if layer.q_norm is not None:
+                qk = torch.cat([_rms(qk[:, :heads], layer.q_norm), _rms(qk[:, heads:], layer.k_norm)], dim=1)
+            qk = qk * cos + _rotate_half(qk) * sin
+            layer.keys[:, :, slot] = qk[:, heads:]
+            layer.values[:, :, slot] = qkv[:, q_width + kv_heads * dim :].view(n, kv_heads, dim)
+            # Heads sharing a kv head become rows of one matmul (GQA without repeating the cache).
+            q = qk[:, :heads].reshape(n * kv_heads, self.groups, dim)
+            keys = layer.keys.view(n * kv_heads, self.capacity, dim)
+            scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=layer.scaling)
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            attn = torch.bmm(probs, layer.values.view(n * kv_heads, self.capacity, dim))
+            x = x + F.linear(attn.view(n, q_width), layer.w_o, layer.b_o)
+            gate_up = F.linear(_rms(x, layer.ln2), layer.w_gate_up, layer.b_gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            x = x + F.linear(layer.act(gate) * up, layer.w_down, layer.b_down)
+        self.cur += 1
+        self.positions = self.positions + 1
+        return F.linear(_rms(x, self.final_norm), self.w_lm, self.b_lm)

@@ -1,0 +1,124 @@
+"""vLLM engine: a separate vLLM copy of the policy, refreshed with ``sync_weights(model)`` after each update.
+
+Colocated, in-process (one GPU shared with training), as TRL's colocate mode. Untested here (no GPU); the
+code follows vLLM's and TRL's documented APIs:
+- ``logprobs_mode="processed_logprobs"``: the returned log-probs are those of the distribution sampled from
+  (after temperature / top-k / top-p), which is what behavior_logps means.
+- weights go through the model's own ``load_weights`` (it maps HF names to vLLM's fused layers), called
+  in-process when the engine core lives in this process, else through ``LLM.apply_model`` (which pickles the
+  weights to the worker: correct but slow, vLLM recommends a data-plane for large models).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from gvpo.rollout.base import build_rollout, special_token_ids, validate_request
+from gvpo.types import Rollout, SamplingParams
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError("the vLLM rollout engine needs vllm: `pip install gvpo[vllm]` (needs a CUDA GPU)") from err
+    return vllm
+
+
+class VLLMEngine:
+    """Args:
+        model: the live HF model; its weights are copied into vLLM now and at every ``sync_weights``.
+        model_path: what vLLM loads the architecture/config from; default ``model.name_or_path``.
+        **llm_kwargs: passed to ``vllm.LLM`` (e.g. gpu_memory_utilization, max_model_len, enable_sleep_mode).
+    """
+
+    name = "vllm"
+
+    def __init__(self, model, tokenizer, *, model_path: str | None = None, eos_token_ids=None, **llm_kwargs):
+        vllm = _import_vllm()
+        self.tokenizer = tokenizer
+        default_eos, self.pad_token_id = special_token_ids(model, tokenizer)
+        self.eos_token_ids = tuple(default_eos if eos_token_ids is None else eos_token_ids)
+        path = model_path or getattr(model, "name_or_path", None)
+        if not path:
+            raise ValueError("VLLMEngine needs model_path= (a local folder or hub id with the model's config)")
+        # In-process engine core, so that sync_weights can reach the model without pickling tensors.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        settings = dict(
+            model=path,
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            gpu_memory_utilization=0.3,
+            enable_prefix_caching=True,  # the k samples of a prompt share its prefill
+            logprobs_mode="processed_logprobs",
+            seed=0,
+        )
+        settings.update(llm_kwargs)
+        self.llm = vllm.LLM(**settings)
+        self._sampling_params_cls = vllm.SamplingParams
+        self.sync_weights(model)
+
+    def sync_weights(self, model) -> None:
+        """Copy the live model's weights into vLLM and drop cached prefixes computed with the old weights."""
+        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        runner_model = self._local_model()
+        if runner_model is not None:
+            runner_model.load_weights(weights)
+        else:
+            cpu_weights = [(name, tensor.cpu()) for name, tensor in weights]
+            self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(cpu_weights))
+        self.llm.reset_prefix_cache()
+
+    def _local_model(self):
+        """The vLLM model object when it lives in this process (paths differ across vLLM versions)."""
+        executor = getattr(self.llm.llm_engine, "model_executor", None)
+        worker = getattr(executor, "driver_worker", None)
+        for path in (("worker", "model_runner", "model"), ("model_runner", "model")):
+            obj = worker
+            for attr in path:
+                obj = getattr(obj, attr, None)
+            if obj is not None and hasattr(obj, "load_weights"):
+                return obj
+        return None
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        num_generations: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        validate_request(prompt_ids, num_generations, params, self.tokenizer)
+        start = time.perf_counter()
+        seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        sampling = self._sampling_params_cls(
+            n=num_generations,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            max_tokens=params.max_new_tokens,
+            logprobs=0,  # only the sampled token's log-prob
+            seed=seed,
+            stop_token_ids=list(self.eos_token_ids),
+            ignore_eos=not self.eos_token_ids,
+            # Stop strings are applied below on token ids, the same way for every engine.
+        )
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], sampling, use_tqdm=False)
+        rows = [sample for request in outputs for sample in sorted(request.outputs, key=lambda s: s.index)]
+        width = max(1, max(len(s.token_ids) for s in rows))
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        logps = torch.zeros((len(rows), width), dtype=torch.float32)
+        lengths = torch.zeros(len(rows), dtype=torch.long)
+        for row, sample in enumerate(rows):
+            tokens = list(sample.token_ids)
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            logps[row, : len(tokens)] = torch.tensor(
+                [step[token].logprob for step, token in zip(sample.logprobs, tokens)], dtype=torch.float32
+            )
+            lengths[row] = len(tokens)
+        stats = {"engine": self.name, "num_tokens": int(lengths.sum()), "time_s": time.perf_counter() - start}
+        return build_rollout(
+            ids, logps, lengths, num_generations, self.pad_token_id, self.tokenizer, params.stop_strings, stats
+        )
