@@ -346,3 +346,48 @@ def test_vllm_engine_with_a_stand_in_vllm(monkeypatch, tokenizer):
     assert completions(rollout) == [[2, 4], [2, 5, EOS], [3, 4], [3, 5, EOS]]
     torch.testing.assert_close(rollout.behavior_logps[1, :3], torch.tensor([-0.2, -0.5, -0.1]))
     assert rollout.prompt_index.tolist() == [0, 0, 1, 1]
+
+
+def test_per_prompt_seeds_make_samples_batch_independent():
+    """With seeds, a prompt's k samples do not depend on the other prompts of the batch (what lets any number
+    of processes sample the same completions), and the same seed gives the same samples."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from gvpo.rollout import make_engine
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=1,
+                                         pad_token_id=0)).eval()
+
+    class Tok:
+        eos_token_id, pad_token_id = 1, 0
+
+    engine = make_engine("fast", model, Tok())
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    together = engine.generate(prompts, 4, params, seeds=[11, 12, 13, 14])
+    for p, seed in ((1, 12), (3, 14)):
+        alone = engine.generate([prompts[p]], 4, params, seeds=[seed])
+        rows = together.prompt_index == p
+        width = alone.completion_ids.shape[1]
+        assert torch.equal(together.completion_ids[rows][:, :width] * together.completion_mask[rows][:, :width],
+                           alone.completion_ids * alone.completion_mask)
+        torch.testing.assert_close(together.behavior_logps[rows][:, :width], alone.behavior_logps, atol=1e-5, rtol=0)
+    other = engine.generate(prompts, 4, params, seeds=[21, 22, 23, 24])
+    assert not torch.equal(other.completion_ids, together.completion_ids)
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    """The seeded path samples the processed distribution: chi-square over many draws, p > 1e-3 (fixed seed)."""
+    from gvpo.rollout.base import processed_logps, sample_tokens
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 12, generator=g).repeat(20000, 1)
+    params = SamplingParams(temperature=0.8, top_k=8)
+    tokens, _ = sample_tokens(logits, params, None, torch.rand(20000, generator=g))
+    probs = processed_logps(logits[:1], params).exp()[0]
+    observed = torch.bincount(tokens, minlength=12).double()
+    keep = probs > 0
+    assert observed[~keep].sum() == 0  # filtered tokens are never drawn
+    assert chi_square_pvalue(observed[keep], probs[keep].double()) > 1e-3

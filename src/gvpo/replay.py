@@ -65,12 +65,14 @@ class ReplayBuffer:
         self.entries = {int(k): [Response(**r) for r in v] for k, v in state["entries"].items()}
 
 
-def generate_groups(engine, prompt_ids: list[list[int]], counts: list[int], params, generator) -> Rollout:
+def generate_groups(engine, prompt_ids: list[list[int]], counts: list[int], params, generator,
+                    seeds: list[int] | None = None) -> Rollout:
     """Generate ``counts[p]`` completions for prompt p (counts may differ), one engine call per distinct count."""
     parts = []
     for k in sorted(set(c for c in counts if c > 0)):
         chosen = [p for p, c in enumerate(counts) if c == k]
-        r = engine.generate([prompt_ids[p] for p in chosen], k, params, generator)
+        kwargs = {} if seeds is None else {"seeds": [seeds[p] for p in chosen]}
+        r = engine.generate([prompt_ids[p] for p in chosen], k, params, generator, **kwargs)
         r.prompt_index = torch.tensor(chosen, device=r.prompt_index.device)[r.prompt_index]
         parts.append(r)
     return concat_rollouts(parts)

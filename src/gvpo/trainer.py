@@ -171,7 +171,9 @@ def train_step(run: Run, step: int) -> dict:
     prompt_ids = [r["prompt_ids"] for r in rows]
     history = _history(run.replay, keys, config, step, run.generator)
     counts = [config.rollout.num_generations - len(h) for h in history]
-    rollout = generate_groups(run.engine, prompt_ids, counts, run.sampling, run.generator)
+    # One noise stream per (seed, step, global prompt position): any number of processes samples the same.
+    seeds = [(config.training.seed * 1_000_003 + step) * 65_537 + rank + world * i for i in range(len(rows))]
+    rollout = generate_groups(run.engine, prompt_ids, counts, run.sampling, run.generator, seeds)
     t_gen = time.perf_counter() - t0
     # 3. Score; unscorable responses (None) leave their group.
     completions = tokenizer.batch_decode(_completion_tokens(rollout), skip_special_tokens=True)

@@ -41,18 +41,32 @@ def processed_logps(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 
 def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row: (tokens (N,) long, behavior_logps (N,) float32). All randomness comes from `generator`."""
+    """One token per row: (tokens (N,) long, behavior_logps (N,) float32).
+
+    Randomness comes from ``generator``, or, when ``uniforms`` (N,) in [0, 1) are given, from them by inverse-CDF
+    sampling: then a row's token depends only on its own noise, not on which other rows share the batch.
+    """
     logps = processed_logps(logits, params)
     if params.temperature == 0:
         tokens = logps.argmax(dim=-1)
+    elif uniforms is not None:
+        cdf = logps.exp().cumsum(dim=-1)
+        # right=True: the first token whose cumulative mass exceeds u, so zero-probability tokens are never hit.
+        target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+        tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logps.shape[-1] - 1)
     else:
-        probs = logps.exp()
-        if generator is not None and generator.device.type != probs.device.type:
-            probs = probs.to(generator.device)  # e.g. a CPU generator with a model on GPU
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logps.device)
+        tokens = torch.multinomial(logps.exp(), 1, generator=generator).squeeze(-1)
     return tokens, logps.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def row_uniforms(seeds, num_generations: int, max_new_tokens: int, device) -> torch.Tensor:
+    """(P * k, T) sampling noise: prompt p's k rows come from ``seeds[p]`` alone (batch-independent streams)."""
+    noise = [torch.rand((num_generations, max_new_tokens), generator=torch.Generator().manual_seed(int(s)))
+             for s in seeds]
+    return torch.cat(noise).to(device)
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from gvpo.rollout.base import build_rollout, left_pad, sample_tokens, special_token_ids, validate_request
+from gvpo.rollout.base import (build_rollout, left_pad, row_uniforms, sample_tokens, special_token_ids,
+                               validate_request)
 from gvpo.rollout.kv_decoder import LlamaStyleDecoder, unsupported_reason
 from gvpo.types import Rollout, SamplingParams
 
@@ -111,8 +112,13 @@ class FastEngine:
         num_generations: int,
         params: SamplingParams,
         generator: torch.Generator | None = None,
+        seeds: list[int] | None = None,
     ) -> Rollout:
+        """``seeds`` (one per prompt) make each prompt's samples independent of the rest of the batch (the
+        trainer uses them so that any number of processes samples the same completions); else ``generator``."""
         validate_request(prompt_ids, num_generations, params, self.tokenizer)
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"seeds: got {len(seeds)} for {len(prompt_ids)} prompts; pass one per prompt")
         start = time.perf_counter()
         input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id)
         device = next(self.model.parameters()).device
@@ -122,8 +128,10 @@ class FastEngine:
         self.model.eval()  # dropout off: behavior_logps must describe the sampler exactly
         try:
             with torch.inference_mode():
+                uniforms = None if seeds is None else row_uniforms(seeds, num_generations, params.max_new_tokens,
+                                                                   device)
                 ids, logps, lengths, stats = _decode_loop(
-                    backend, input_ids, attention_mask, num_generations, params, generator,
+                    backend, input_ids, attention_mask, num_generations, params, (generator, uniforms),
                     self.eos_token_ids, self.compact_fraction, self._stop_checker(params),
                 )
         finally:
@@ -148,11 +156,13 @@ class FastEngine:
         return check
 
 
-def _decode_loop(backend, input_ids, attention_mask, k, params, generator, eos_ids, compact_fraction, stop_check):
+def _decode_loop(backend, input_ids, attention_mask, k, params, noise, eos_ids, compact_fraction, stop_check):
     """Sample up to max_new_tokens per row. Returns (ids (N, T), logps (N, T), lengths (N,), stats).
 
     Rows past their end keep sampling until they are compacted away; build_rollout blanks what they wrote.
+    ``noise`` is (generator, per-row uniforms (N, T) or None).
     """
+    generator, uniforms = noise
     device = input_ids.device
     num_rows, max_new = input_ids.shape[0] * k, params.max_new_tokens
     out_ids = torch.zeros((num_rows, max_new), dtype=torch.long, device=device)
@@ -165,7 +175,7 @@ def _decode_loop(backend, input_ids, attention_mask, k, params, generator, eos_i
 
     logits = backend.prefill(input_ids, attention_mask, k, max_new)
     for t in range(max_new):
-        tokens, logps = sample_tokens(logits, params, generator)
+        tokens, logps = sample_tokens(logits, params, generator, None if uniforms is None else uniforms[rows, t])
         out_ids[rows, t] = tokens
         out_logps[rows, t] = logps
         done = torch.isin(tokens, eos) if eos.numel() else torch.zeros_like(finished)

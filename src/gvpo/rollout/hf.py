@@ -56,7 +56,12 @@ class HFEngine:
         num_generations: int,
         params: SamplingParams,
         generator: torch.Generator | None = None,
+        seeds: list[int] | None = None,
     ) -> Rollout:
+        """``seeds`` is accepted for interface parity: generate has one global RNG, so it seeds that with the
+        first prompt's seed (reproducible, but a prompt's samples still depend on its batch)."""
+        if seeds is not None and generator is None:
+            generator = torch.Generator().manual_seed(int(seeds[0]))
         validate_request(prompt_ids, num_generations, params, self.tokenizer)
         start = time.perf_counter()
         input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id)

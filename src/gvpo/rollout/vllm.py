@@ -89,10 +89,13 @@ class VLLMEngine:
         num_generations: int,
         params: SamplingParams,
         generator: torch.Generator | None = None,
+        seeds: list[int] | None = None,
     ) -> Rollout:
         validate_request(prompt_ids, num_generations, params, self.tokenizer)
         start = time.perf_counter()
         seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        if seeds is not None:  # vLLM seeds requests, not prompts; one seed per call keeps runs reproducible
+            seed = int(seeds[0]) % (2**31 - 1)
         sampling = self._sampling_params_cls(
             n=num_generations,
             temperature=params.temperature,
