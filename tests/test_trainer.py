@@ -181,3 +181,10 @@ def test_a_step_with_no_scorable_response_does_not_crash(tmp_path, tiny_model_di
     rows = [r for r in read(tmp_path / "run") if "unscored" in r]
     assert summary["steps"] == 2 and all(r["unscored"] == 64 for r in rows)
     assert summary["final_accuracy"] == 0.0
+
+
+def test_hf_engine_trains(tmp_path, tiny_model_dir):
+    cfg = config_for(tmp_path, tiny_model_dir, max_steps=2, engine="hf")
+    summary = train(cfg, reward_funcs=[sevens], train_rows=ROWS, eval_rows=ROWS[:4])
+    log = [r for r in read(tmp_path / "run") if "loss" in r]
+    assert summary["steps"] == 2 and all(r["grad_norm"] > 0 for r in log)

@@ -73,7 +73,7 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--max_new_tokens", type=int, default=1024)
     p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     p.add_argument("--template", default="qwen_math", help="plain, qwen_math or chat")
-    p.add_argument("--engine", default="fast", help="fast, hf or vllm")
+    p.add_argument("--engine", default="auto", help="auto (vllm on a GPU when installed, else fast), fast, hf or vllm")
     p.add_argument("--data_dir", default=None, help="default: $GVPO_DATA_DIR or ../shared/data")
     p.add_argument("--output_dir", default="runs/eval")
     p.add_argument("--batch_size", type=int, default=64)

@@ -77,8 +77,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    # Generation engine: "fast" (our KV-cache sampler), "hf" (transformers generate), "vllm" (GPU).
-    engine: str = "fast"
+    # Generation engine: "fast" (our KV-cache sampler), "hf" (transformers generate), "vllm" (GPU), or
+    # "auto": vllm when it is installed and a GPU is present, else fast.
+    engine: str = "auto"
     # k: completions sampled per prompt (a GVPO group). TRL's num_generations.
     num_generations: int = 8
     # Prompts per training step; the step trains on prompts_per_step * num_generations completions.
@@ -91,8 +92,8 @@ class RolloutConfig:
     stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.engine not in ("fast", "hf", "vllm"):
-            _fail("engine", self.engine, "use fast, hf or vllm")
+        if self.engine not in ("auto", "fast", "hf", "vllm"):
+            _fail("engine", self.engine, "use auto, fast, hf or vllm")
         if self.num_generations < 2:
             _fail("num_generations", self.num_generations, "GVPO compares responses within a group: use >= 2")
         if self.prompts_per_step < 1:

@@ -11,11 +11,23 @@ from gvpo.rollout.base import processed_logps, sample_tokens
 from gvpo.rollout.fast import FastEngine
 from gvpo.rollout.hf import HFEngine
 
-ENGINES = ("fast", "hf", "vllm")
+ENGINES = ("auto", "fast", "hf", "vllm")
+
+
+def resolve_engine(name: str) -> str:
+    """"auto" -> "vllm" when vllm is installed and CUDA is available, else "fast"."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    import torch
+
+    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "fast"
 
 
 def make_engine(name: str, model, tokenizer, **kwargs):
-    """Build the rollout engine called `name` ("fast", "hf" or "vllm") around a live model and its tokenizer."""
+    """Build the rollout engine called `name` ("auto", "fast", "hf" or "vllm") around a live model and its tokenizer."""
+    name = resolve_engine(name)
     if name == "fast":
         return FastEngine(model, tokenizer, **kwargs)
     if name == "hf":
@@ -27,4 +39,4 @@ def make_engine(name: str, model, tokenizer, **kwargs):
     raise ValueError(f"rollout engine {name!r} is unknown: use one of {ENGINES}")
 
 
-__all__ = ["ENGINES", "FastEngine", "HFEngine", "make_engine", "processed_logps", "sample_tokens"]
+__all__ = ["ENGINES", "resolve_engine", "FastEngine", "HFEngine", "make_engine", "processed_logps", "sample_tokens"]
