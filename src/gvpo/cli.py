@@ -84,9 +84,10 @@ def cmd_eval(argv: list[str]) -> int:
 
     from gvpo.evaluation import evaluate, format_table
     from gvpo.modeling import load_model_and_tokenizer
-    from gvpo.rollout import make_engine
+    from gvpo.rollout import make_engine, resolve_engine
 
     torch.manual_seed(a.seed)
+    a.engine = resolve_engine(a.engine)
     model, tokenizer = load_model_and_tokenizer(a.model, a.dtype)
     if torch.cuda.is_available() and a.engine != "vllm":
         model = model.cuda()
