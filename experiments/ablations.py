@@ -9,8 +9,8 @@ time, one torch thread each), skipping runs whose summary.json exists, into runs
 
 Regime (GUIDE, section 1): with one on-policy update per batch, beta only rescales the GVPO gradient, so every
 run here makes 4 updates per batch (num_mini_batches = 4, as the authors' script); pi_theta' is the policy
-that generated the batch. Every configuration spends the same number of fresh completions per step (256):
-k = 16 uses 16 prompts, k = 4 uses 64, and the h:c mixes generate c fresh responses for each of 256 / 8 prompts.
+that generated the batch. Every configuration spends the same number of completions per step (128):
+k = 16 uses 8 prompts, k = 4 uses 32, and the h:c mixes hold 16 prompts x 8 responses, c of them fresh.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 
 ROOT = Path("runs/ablations")
 COMMON = {
-    "max_steps": 60, "eval_steps": 10, "num_eval": 200, "save_steps": 0, "progress_bar": "false",
-    "num_mini_batches": 4, "max_completion_length": 40,
+    "max_steps": 25, "eval_steps": 10, "num_eval": 200, "save_steps": 0, "progress_bar": "false",
+    "num_mini_batches": 4, "max_completion_length": 64,
 }
-COMPLETIONS_PER_STEP = 256
+COMPLETIONS_PER_STEP = 128
 
 
 def configurations() -> dict[str, dict]:
@@ -46,11 +46,11 @@ def configurations() -> dict[str, dict]:
                                     "prompts_per_step": COMPLETIONS_PER_STEP // k}
     for h in (2, 4):
         for algo in ("gvpo", "grpo"):
-            # Prompts must recur for history to exist: 512 training prompts, 32 per step -> every 16 steps.
-            runs[f"{algo}_mix{h}"] = {"algorithm": algo, "num_historical": h, "num_train": 512,
-                                      "max_staleness": 32}
-    for algo in ("gvpo", "grpo"):  # the 0:8 point of the mixing table on the same 512 prompts
-        runs[f"{algo}_mix0"] = {"algorithm": algo, "num_train": 512}
+            # Prompts must recur for history to exist: 128 training prompts, 16 per step -> every 8 steps.
+            runs[f"{algo}_mix{h}"] = {"algorithm": algo, "num_historical": h, "num_train": 128,
+                                      "max_staleness": 16}
+    for algo in ("gvpo", "grpo"):  # the 0:8 point of the mixing table on the same 128 prompts
+        runs[f"{algo}_mix0"] = {"algorithm": algo, "num_train": 128}
     return runs
 
 
@@ -123,7 +123,7 @@ def report(tasks, out_dir: Path):
     for task in tasks:
         lines += [f"### Task `{task}`", ""]
         base = [r["summary"]["initial_accuracy"] for r in _load(task, "gvpo")]
-        lines += ["(a) Table 1 analogue: held-out greedy accuracy (%) after 60 steps, mean ± std over seeds", "",
+        lines += ["(a) Table 1 analogue: held-out greedy accuracy (%) after 25 steps, mean ± std over seeds", "",
                   "| | accuracy | wall s / run |", "|---|---|---|", f"| base | {_stat(base)} | |"]
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for name, label in (("grpo", "+GRPO"), ("dr_grpo", "+Dr. GRPO"), ("gvpo", "+GVPO")):
@@ -142,14 +142,14 @@ def report(tasks, out_dir: Path):
               f"{task}: beta", out_dir / f"{task}_beta.png")
         lines += ["", f"![]({task}_beta.png)", ""]
 
-        lines += ["(c) k (256 fresh completions per step)", "", "| k | GVPO | GRPO |", "|---|---|---|"]
+        lines += ["(c) k (128 fresh completions per step)", "", "| k | GVPO | GRPO |", "|---|---|---|"]
         ks = (2, 4, 8, 16, 32)
         by_k = {a: [_final(_load(task, a if k == 8 else f"{a}_k{k}")) for k in ks] for a in ("gvpo", "grpo")}
         lines += [f"| {k} | {_stat(g)} | {_stat(r)} |" for k, g, r in zip(ks, by_k["gvpo"], by_k["grpo"])]
         _bars(plt, [str(k) for k in ks], by_k, "k", f"{task}: group size", out_dir / f"{task}_k.png")
         lines += ["", f"![]({task}_k.png)", ""]
 
-        lines += ["(d) historical:current (512 training prompts, each seen every 16 steps)", "",
+        lines += ["(d) historical:current (128 training prompts, each seen every 8 steps)", "",
                   "| h:c | GVPO | GRPO |", "|---|---|---|"]
         mixes = ((0, "0:8"), (2, "2:6"), (4, "4:4"))
         by_m = {a: [_final(_load(task, f"{a}_mix{h}")) for h, _ in mixes] for a in ("gvpo", "grpo")}

@@ -84,7 +84,7 @@ class RolloutConfig:
     num_generations: int = 8
     # Prompts per training step; the step trains on prompts_per_step * num_generations completions.
     prompts_per_step: int = 32
-    max_completion_length: int = 32
+    max_completion_length: int = 40
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -188,7 +188,7 @@ class OptimizerConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     # Training steps; each step samples prompts_per_step prompts, scores them and makes the updates.
-    max_steps: int = 200
+    max_steps: int = 60
     # Stop early after this many seconds of training (0 = no limit); the final evaluation still runs.
     max_time_seconds: float = 0.0
     seed: int = 0
@@ -207,7 +207,7 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     # Greedy held-out evaluation every eval_steps steps (0 = only at the start and the end).
-    eval_steps: int = 20
+    eval_steps: int = 10
     eval_max_completion_length: int = 0  # 0 = rollout.max_completion_length
 
 
