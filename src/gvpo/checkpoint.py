@@ -59,7 +59,15 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "writing shards" bar inside the training bar is noise
+    try:
+        model.save_pretrained(tmp)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, tmp / STATE_FILE)

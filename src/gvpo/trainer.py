@@ -78,7 +78,7 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
         _log(tracker, 0, {"eval_accuracy": totals["initial_accuracy"]})
     wall_before = totals["wall_seconds"]
     bar = _progress(config, accelerator, start_step)
-    step = start_step
+    step, shown_acc = start_step, totals.get("initial_accuracy") or math.nan
     for step in range(start_step + 1, config.training.max_steps + 1):
         metrics = train_step(run, step)
         # Evaluate, log, checkpoint.
@@ -91,7 +91,8 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
         if step % config.logging.logging_steps == 0 or last:
             _log(tracker, step, metrics)
         bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics.get('eval_accuracy', math.nan):.3f}")
+        shown_acc = metrics.get("eval_accuracy", shown_acc)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{shown_acc:.3f}")
         totals["wall_seconds"] = wall_before + time.perf_counter() - clock
         if last or (config.checkpoint.save_steps and step % config.checkpoint.save_steps == 0):
             _save(run, step)
