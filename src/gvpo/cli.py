@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 TRAIN_HELP = """\
@@ -56,6 +57,8 @@ def cmd_train(argv: list[str]) -> int:
     from gvpo.trainer import train
 
     summary = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch only rank 0 reports
+        return 0
     print(json.dumps(summary, indent=2))
     if summary.get("initial_accuracy") is not None and summary.get("final_accuracy") is not None:
         print(f"held-out accuracy: {summary['initial_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
