@@ -1,19 +1,22 @@
 """Build the tiny default model shipped in src/gvpo/assets/default (used by `gvpo train` with no arguments).
 
-Pretrains a 0.45M-parameter Qwen2ForCausalLM from scratch, with a character-level tokenizer, on worked
-solutions of train-split problems of the arithmetic tasks (gvpo.tasks; 2 to 5 addends). Some demonstrations
-are wrong on purpose: on a step whose units digits carry, the carry is dropped with probability
-``--drop-carry`` (> 0.5). The model learns both answers, the wrong one more likely, so that
+Pretrains a 0.47M-parameter Qwen2ForCausalLM from scratch, with a byte-level tokenizer (one token per
+character of the task), on worked solutions of train-split problems of the arithmetic tasks (gvpo.tasks;
+2 to 5 addends). Some demonstrations are wrong on purpose: on a step whose units digits carry, the carry is
+dropped with probability ``--drop-carry`` (> 0.5). The model learns both answers, the wrong one more likely,
+so that
 
-- greedy decoding gets a problem right only when no step carries (0.55^2 ~ 30% of 3-addend problems, a bit
-  more in practice);
+- greedy decoding gets a problem right only when no step carries (0.55^2 ~ 30% of 3-addend problems; the
+  shipped model: 41.5% of 200 held-out problems);
 - sampling at temperature 1 still writes the carry often (40%), so groups of 8 samples have mixed rewards;
 - RL has to shift one systematic, learnable preference, not teach arithmetic: centred-reward policy
-  gradient takes greedy accuracy from ~35% to > 90% within a few hundred steps even at lr 1e-5.
+  gradient (16 prompts x 8 samples, lr 1e-4) lifts greedy accuracy to ~0.85 in 20 steps, then more slowly
+  to ~0.9 as it unlearns the carries it now adds where none is due.
 
-Deterministic given --seed and --threads on one machine (CPU). Run from the repo root:
+Deterministic given --seed and --threads on one machine (CPU; other CPUs may round differently). Run from
+the repo root:
 
-    .venv/bin/python scripts/build_default_model.py   # ~8-12 minutes on 2 CPU cores
+    .venv/bin/python scripts/build_default_model.py   # ~5 minutes on 2 idle cores, ~12 on a busy machine
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -30,7 +32,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from gvpo.tasks import TASKS, arithmetic_reward, make_dataset, split_of, worked_solution
+from gvpo.tasks import TASKS, arithmetic_reward, make_dataset, prompt_text, split_of, worked_solution
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "src" / "gvpo" / "assets" / "default"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -97,7 +99,9 @@ def build_model(tokenizer, args) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
-def sample_demos(rng: random.Random, n: int, drop_carry: float, threshold: int, mix: dict[int, float]) -> list[tuple[str, str]]:
+def sample_demos(
+    rng: random.Random, n: int, drop_carry: float, threshold: int, mix: dict[int, float]
+) -> list[tuple[str, str]]:
     """n (prompt, completion) pairs with one operand count per batch, so that rows need little padding."""
     k = rng.choices(list(mix), weights=list(mix.values()))[0]
     return [sample_demo(rng, k, drop_carry, threshold) for _ in range(n)]
@@ -107,7 +111,7 @@ def sample_demo(rng: random.Random, k: int, drop_carry: float, threshold: int) -
     """(prompt, completion) of a random k-addend train problem; each carrying step is botched w.p. drop_carry."""
     while True:
         operands = tuple(rng.randint(10, 99) for _ in range(k))
-        prompt = "+".join(map(str, operands)) + "="
+        prompt = prompt_text(operands)
         if split_of(prompt) == "train":
             break
     drops, total = [], operands[0]
@@ -173,7 +177,8 @@ def pretrain(model, tokenizer, args) -> None:
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        ids, mask, labels = make_batch(tokenizer, sample_demos(rng, args.batch, args.drop_carry, args.drop_threshold, args.mix))
+        demos = sample_demos(rng, args.batch, args.drop_carry, args.drop_threshold, args.mix)
+        ids, mask, labels = make_batch(tokenizer, demos)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,9 +191,10 @@ def pretrain(model, tokenizer, args) -> None:
 
 
 def save(model, tokenizer, out_dir: Path, args) -> None:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.iterdir():  # files of an earlier build that this one might not overwrite
+        if stale.is_file():
+            stale.unlink()
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -106,7 +106,11 @@ def default_model():
     path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    # One thread: on a busy 2-core machine, 2 threads made this tiny model's generate ~80x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield model, tokenizer
+    torch.set_num_threads(threads)
 
 
 def test_assets_are_small_and_complete():
@@ -132,6 +136,11 @@ def test_tokenizer_round_trip_and_left_padding(default_model):
     assert len(ids) == len(text)  # one token per character
     assert tokenizer.decode(ids) == text
     assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == text
+    # Byte-level: any text survives, spaces included (transformers 5 loads it as Qwen2Tokenizer, whose
+    # pipeline drops characters missing from the vocabulary, so the vocabulary must hold every byte).
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer"
+    odd = "héllo  wörld\n\t#### -7"
+    assert tokenizer.decode(tokenizer.encode(odd)) == odd
     batch = tokenizer(["1+2=", "10+20+30="], padding=True, return_tensors="pt")
     assert tokenizer.padding_side == "left"
     assert batch["input_ids"][0, :5].tolist() == [tokenizer.pad_token_id] * 5
@@ -167,3 +176,43 @@ def test_left_padding_does_not_change_greedy_output(default_model):
     mixed = rows[:2] + make_dataset("arithmetic_hard", "test", 2, seed=0)
     batched = _greedy_accuracy(model, tokenizer, mixed)[1][:2]
     assert batched == alone
+
+
+# --- the build script ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def build_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_default_model.py"
+    spec = importlib.util.spec_from_file_location("build_default_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_script_tokenizer_matches_shipped(build_script, default_model):
+    _, shipped = default_model
+    built = build_script.build_tokenizer()
+    for text in ["23+45=68,68+17=85 #### 85", "99+99+99+99+99=", "a b\tc"]:
+        assert built.encode(text) == shipped.encode(text)
+    assert (built.eos_token_id, built.pad_token_id) == (shipped.eos_token_id, shipped.pad_token_id)
+
+
+def test_build_script_demonstrations(build_script):
+    import random
+
+    rng = random.Random(0)
+    demos = [build_script.sample_demo(rng, 3, drop_carry=0.6, threshold=10) for _ in range(2000)]
+    assert all(split_of(prompt) == "train" for prompt, _ in demos)  # never a held-out problem
+    botched = carrying = 0
+    for prompt, completion in demos:
+        a, b, _ = (int(x) for x in prompt.rstrip("=").split("+"))
+        if a % 10 + b % 10 >= 10:  # the first step carries: is it botched?
+            carrying += 1
+            botched += completion.startswith(f"{a}+{b}={a + b - 10},")
+        else:
+            assert completion.startswith(f"{a}+{b}={a + b},")
+    assert 0.55 <= botched / carrying <= 0.65

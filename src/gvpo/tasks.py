@@ -110,7 +110,8 @@ def make_dataset(task: str = "arithmetic", split: str = "train", n: int = 1000, 
     space = (spec.high - spec.low + 1) ** spec.num_operands
     share = TEST_FRACTION if split == "test" else 1 - TEST_FRACTION
     if n > 0.5 * space * share:  # rejection sampling of distinct rows slows down near exhaustion
-        raise ValueError(f"n={n}: task {task!r} has only about {int(space * share)} {split} problems; ask for fewer")
+        available = int(space * share)
+        raise ValueError(f"n={n}: task {task!r} has only about {available} {split} problems; ask for fewer")
     rng = random.Random(f"{task}/{split}/{seed}")
     rows, seen = [], set()
     while len(rows) < n:
