@@ -26,8 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/losses.py
-	$(PY) benchmarks/rollout.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/rollout.py --reps 3
+	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/math_grader.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
