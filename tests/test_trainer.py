@@ -188,3 +188,20 @@ def test_hf_engine_trains(tmp_path, tiny_model_dir):
     summary = train(cfg, reward_funcs=[sevens], train_rows=ROWS, eval_rows=ROWS[:4])
     log = [r for r in read(tmp_path / "run") if "loss" in r]
     assert summary["steps"] == 2 and all(r["grad_norm"] > 0 for r in log)
+
+
+def test_a_single_dataset_file_holds_out_its_last_rows_for_evaluation(tmp_path, tiny_model_dir):
+    from gvpo.modeling import load_model_and_tokenizer
+    from gvpo.trainer import _load_rows
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(30)))
+    _, tok = load_model_and_tokenizer(tiny_model_dir)
+    cfg = config_for(tmp_path, tiny_model_dir, dataset=str(path), prompt_column="question", num_eval=5, num_train=0)
+    train_rows, eval_rows = _load_rows(cfg, tok, None, None)
+    assert [r["prompt"] for r in eval_rows] == [f"{i}+1=" for i in range(25, 30)]
+    assert len(train_rows) == 25 and not {r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows}
+    with pytest.raises(ValueError, match="not enough to hold out num_eval=40"):
+        _load_rows(cfg.replace(num_eval=40), tok, None, None)
+    _, none = _load_rows(cfg.replace(num_eval=0), tok, None, None)
+    assert none == []

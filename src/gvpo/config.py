@@ -57,7 +57,8 @@ class DataConfig:
     task: str = "arithmetic"
     # A jsonl / json / parquet file, a Hugging Face dataset name, or a benchmark name of gvpo.data.
     dataset: str = ""
-    # Held-out data for evaluation: same forms as `dataset`; empty = the task's test split.
+    # Held-out data for evaluation: same forms as `dataset`; empty = the task's test split, or, with a
+    # `dataset`, its last num_eval rows (held out from training).
     eval_dataset: str = ""
     # Column holding the prompt text (a problem is wrapped by `template`) and the gold answer.
     prompt_column: str = "prompt"

@@ -256,6 +256,14 @@ def _load_rows(config: Config, tokenizer, train_rows, eval_rows):
     from gvpo.data import encode_prompts, format_prompt, validate_rows
 
     d = config.data
+    if train_rows is None and eval_rows is None and d.dataset and not d.eval_dataset:
+        # One dataset and no eval set: hold out its last num_eval rows, so evaluation never sees a training row.
+        rows = _rows_from(d.dataset, d, "train", 0, config.training.seed)
+        if len(rows) <= d.num_eval:
+            raise ValueError(f"dataset {d.dataset!r} has {len(rows)} rows, not enough to hold out num_eval="
+                             f"{d.num_eval} for evaluation; lower num_eval or set eval_dataset")
+        cut = len(rows) - d.num_eval
+        train_rows, eval_rows = rows[:cut][:d.num_train or None], rows[cut:]
     if train_rows is None:
         train_rows = _rows_from(d.dataset, d, "train", d.num_train, config.training.seed)
     if eval_rows is None:
@@ -263,6 +271,9 @@ def _load_rows(config: Config, tokenizer, train_rows, eval_rows):
     out = []
     for rows, name in ((train_rows, "dataset"), (eval_rows, "eval_dataset")):
         rows = [dict(r) for r in rows]
+        if name == "eval_dataset" and not rows:  # num_eval=0: no held-out evaluation
+            out.append(rows)
+            continue
         for r in rows:
             for column, canonical in ((d.prompt_column, "prompt"), (d.answer_column, "answer")):
                 if column != canonical and column in r:
