@@ -101,7 +101,7 @@ def cmd_eval(argv: list[str]) -> int:
                        temperature=temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, limit=a.limit,
                        template=a.template, data_dir=a.data_dir, output_dir=a.output_dir, batch_size=a.batch_size,
                        seed=a.seed)
-    print(format_table(results))
+    print(format_table(results, label=a.model.rstrip("/").split("/")[-1]))
     return 0
 
 
