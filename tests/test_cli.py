@@ -47,3 +47,13 @@ def test_config_errors_exit_2_with_the_field(capsys):
     assert main(["train", "betta=0.3"]) == 2
     assert "did you mean 'beta'" in capsys.readouterr().err
     assert main(["nonsense"]) == 2
+
+
+def test_math_smoke_config_trains_on_the_shared_data(tmp_path):
+    """MATH train prompts, math-verify reward + format reward, MATH500 held out: the pipeline end to end."""
+    code = main(["train", "--config", "configs/math_cpu_smoke.yaml", f"output_dir={tmp_path}", "progress_bar=false"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss" in r]
+    assert len(trained) == 3 and all("rewards/math_accuracy" in r and "rewards/boxed_format" in r for r in trained)
+    assert json.loads((tmp_path / "summary.json").read_text())["final_accuracy"] == 0.0

@@ -49,3 +49,15 @@ def test_unknown_section(tmp_path):
 def test_cli_override_forms():
     assert _overrides(["--beta", "0.2", "--output_dir=runs/x", "max_steps=3"]) == [
         "beta=0.2", "output_dir=runs/x", "max_steps=3"]
+
+
+def test_shipped_configs_are_valid():
+    """Every YAML in configs/ (the paper's GPU setups included) loads and validates."""
+    from pathlib import Path
+
+    files = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+    assert len(files) >= 4
+    loaded = {f.stem: load_config(f) for f in files}
+    assert loaded["math_qwen2.5_7b"].model.model_name_or_path == "Qwen/Qwen2.5-Math-7B"
+    assert loaded["math_qwen2.5_7b"].algorithm.beta == 0.1 and loaded["math_qwen2.5_7b"].optimizer.learning_rate == 1e-6
+    assert loaded["default"] == Config().replace(**{"logging.output_dir": "runs/default"})
