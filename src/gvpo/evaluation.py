@@ -36,9 +36,8 @@ def _num_samples(n: int | Mapping[str, int], name: str) -> int:
 def _decode(rollout, tokenizer, num_prompts: int) -> list[list[str]]:
     """Completion texts grouped by prompt, using `prompt_index` rather than assuming the row order."""
     texts: list[list[str]] = [[] for _ in range(num_prompts)]
-    for row in range(len(rollout)):
-        ids = rollout.completion_ids[row][rollout.completion_mask[row].bool()].tolist()
-        texts[int(rollout.prompt_index[row])].append(tokenizer.decode(ids, skip_special_tokens=True))
+    for p, ids in zip(rollout.prompt_index.tolist(), rollout.token_lists()):
+        texts[p].append(tokenizer.decode(ids, skip_special_tokens=True))
     return texts
 
 

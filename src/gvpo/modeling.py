@@ -34,14 +34,9 @@ def build_sequences(prompt_ids: list[list[int]], completion_ids: torch.Tensor, c
     Returns ``input_ids (N, P + T)``, ``attention_mask (N, P + T)`` and ``position_ids`` counted from each
     row's first real token, so that left padding does not shift positions (as transformers' generate does).
     """
-    width = max(len(p) for p in prompt_ids)
-    n, _ = completion_ids.shape
-    prompts = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
-    prompt_attn = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        if p:
-            prompts[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            prompt_attn[i, width - len(p):] = 1
+    from gvpo.rollout.base import left_pad  # the engines' padding, so both see the same prompt layout
+
+    prompts, prompt_attn = left_pad(prompt_ids, pad_token_id)
     device = completion_ids.device
     idx = prompt_index.to(device)
     input_ids = torch.cat([prompts.to(device)[idx], completion_ids], dim=1)

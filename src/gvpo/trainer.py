@@ -177,7 +177,7 @@ def train_step(run: Run, step: int) -> dict:
     rollout = generate_groups(run.engine, prompt_ids, counts, run.sampling, run.generator, seeds)
     t_gen = time.perf_counter() - t0
     # 3. Score; unscorable responses (None) leave their group.
-    completions = tokenizer.batch_decode(_completion_tokens(rollout), skip_special_tokens=True)
+    completions = tokenizer.batch_decode(rollout.token_lists(), skip_special_tokens=True)
     row_of = rollout.prompt_index.tolist()
     columns = {k: [rows[i][k] for i in row_of] for k in rows[0] if k not in ("prompt", "prompt_ids")}
     rewards, reward_metrics = score(run.reward_funcs, run.reward_weights, [rows[i]["prompt"] for i in row_of],
@@ -307,11 +307,6 @@ def _rows_from(source: str, d, split: str, limit: int, seed: int) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def _completion_tokens(rollout) -> list[list[int]]:
-    lengths = rollout.completion_mask.sum(-1).tolist()
-    return [ids[:n] for ids, n in zip(rollout.completion_ids.tolist(), lengths)]
-
-
 def _history(replay, keys, config, step, generator) -> list[list]:
     """Per prompt, the stored responses that join its group this step (none without replay)."""
     if replay is None:
@@ -354,7 +349,7 @@ def _evaluate(engine, tokenizer, rows, reward_func, config: Config, accelerator)
     for start in range(0, len(mine), 256):
         chunk = mine[start:start + 256]
         rollout = engine.generate([r["prompt_ids"] for r in chunk], 1, params)
-        completions = tokenizer.batch_decode(_completion_tokens(rollout), skip_special_tokens=True)
+        completions = tokenizer.batch_decode(rollout.token_lists(), skip_special_tokens=True)
         columns = {k: [r[k] for r in chunk] for k in chunk[0] if k not in ("prompt", "prompt_ids")}
         values = reward_func([r["prompt"] for r in chunk], completions, **columns)
         total += torch.tensor([sum(v or 0.0 for v in values), len(values)], device=accelerator.device)

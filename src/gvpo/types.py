@@ -46,3 +46,8 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
+
+    def token_lists(self) -> list[list[int]]:
+        """Each row's generated tokens, padding removed (for decoding)."""
+        lengths = self.completion_mask.sum(-1).tolist()
+        return [ids[:n] for ids, n in zip(self.completion_ids.tolist(), lengths)]
