@@ -391,3 +391,24 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     keep = probs > 0
     assert observed[~keep].sum() == 0  # filtered tokens are never drawn
     assert chi_square_pvalue(observed[keep], probs[keep].double()) > 1e-3
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_worker_threads_do_not_change_the_rollout(temperature, tokenizer):
+    """Splitting prompts across worker threads is an execution detail: same tokens, same log-probs, and the
+    caller's torch thread count is restored."""
+    model = tiny_model("qwen2", len(tokenizer), eos_bias=2.5)
+    prompts = [[3, 4, 5], [6], [7, 8, 9, 10, 11], [12, 13], [5, 5, 5, 5]]
+    params = SamplingParams(max_new_tokens=12, temperature=temperature)
+    threads = torch.get_num_threads()
+    runs = {}
+    for workers in (1, 2, 3):
+        engine = FastEngine(model, tokenizer, workers=workers, compact_fraction=0.1)
+        runs[workers] = engine.generate(prompts, 3, params, torch.Generator().manual_seed(7))
+        assert runs[workers].extra["workers"] == workers
+        assert torch.get_num_threads() == threads
+    for workers in (2, 3):
+        assert torch.equal(runs[workers].completion_ids, runs[1].completion_ids)
+        assert torch.equal(runs[workers].completion_mask, runs[1].completion_mask)
+        torch.testing.assert_close(runs[workers].behavior_logps, runs[1].behavior_logps, atol=1e-5, rtol=0)
+    assert runs[1].completion_mask.sum(-1).min() < 12, "some row should end at EOS, so compaction ran"

@@ -81,7 +81,6 @@ class _Layer:
         self.q_norm = _rms_weight_eps(attn.q_norm) if hasattr(attn, "q_norm") else None
         self.k_norm = _rms_weight_eps(attn.k_norm) if hasattr(attn, "k_norm") else None
         self.scaling = attn.scaling
-        self.keys = self.values = None  # (n, kv_heads, capacity, head_dim)
 
 
 def _rms(x: torch.Tensor, weight_eps) -> torch.Tensor:
@@ -94,12 +93,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class LlamaStyleDecoder:
-    """Backend for fast.py's decode loop: prefill(...) -> logits, step(tokens) -> logits, select(rows)."""
+class DecoderWeights:
+    """A model's weights as the decode step reads them, fused once per generate call (the trainer updates the
+    model in place between calls) and shared, read-only, by every part of a split decoder."""
 
-    def __init__(self, model, chunk: int = 16):
-        self.model, self.chunk = model, chunk
+    def __init__(self, model):
         config, inner = model.config, model.model
+        self.model = model
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -107,40 +107,64 @@ class LlamaStyleDecoder:
         self.embed = inner.embed_tokens.weight
         self.final_norm = _rms_weight_eps(inner.norm)
         self.w_lm, self.b_lm = model.lm_head.weight, model.lm_head.bias
-        # Weights are read (and fused) per generate call: the trainer updates the model in place between calls.
         self.layers = [_Layer(layer) for layer in inner.layers[: config.num_hidden_layers]]
+
+
+class LlamaStyleDecoder:
+    """Backend for fast.py's decode loop: prefill(...) -> logits, step(tokens) -> logits, select(rows), split(n)."""
+
+    def __init__(self, model, chunk: int = 16):
+        self.weights = model if isinstance(model, DecoderWeights) else DecoderWeights(model)
+        self.chunk = chunk
+        self.keys: list[torch.Tensor] = []  # per layer: (n, kv_heads, capacity, head_dim)
+        self.values: list[torch.Tensor] = []
 
     # -- prefill ------------------------------------------------------------------------------------------
     def prefill(self, input_ids, attention_mask, num_generations: int, max_new_tokens: int) -> torch.Tensor:
         from transformers import DynamicCache
 
+        w, model = self.weights, self.weights.model
         prompts, width = input_ids.shape
-        k, dtype, device = num_generations, self.embed.dtype, input_ids.device
+        k, dtype, device = num_generations, w.embed.dtype, input_ids.device
         self.max_len = width + max_new_tokens
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=model.config)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
+        out = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=cache, use_cache=True, logits_to_keep=1,
         )
         self.cur = width  # next cache slot to write
         self.capacity = min(width + self.chunk, self.max_len)
         keep = attention_mask.bool()[:, None, :, None]  # zero padded slots: HF may leave NaN in them
-        shape = (prompts, k, self.num_kv_heads, self.capacity, self.head_dim)
-        for layer, cache_layer in zip(self.layers, cache.layers):
-            for name, prompt_kv in (("keys", cache_layer.keys), ("values", cache_layer.values)):
+        shape = (prompts, k, w.num_kv_heads, self.capacity, w.head_dim)
+        for cache_layer in cache.layers[: len(w.layers)]:
+            for store, prompt_kv in ((self.keys, cache_layer.keys), (self.values, cache_layer.values)):
                 buf = torch.zeros(shape, dtype=dtype, device=device)
                 buf[:, :, :, :width] = torch.where(keep, prompt_kv, 0).to(dtype)[:, None]  # k-fold copy
-                setattr(layer, name, buf.view(prompts * k, *shape[2:]))
+                store.append(buf.view(prompts * k, *shape[2:]))
         # Additive mask over cache slots, per kv head so that it reshapes to bmm's batch for free.
         mask = torch.full((prompts, self.capacity), float("-inf"), dtype=dtype, device=device)
         mask[:, :width].masked_fill_(attention_mask.bool(), 0.0)
-        self.mask = mask.repeat_interleave(k, 0)[:, None, None, :].repeat(1, self.num_kv_heads, 1, 1).contiguous()
+        self.mask = mask.repeat_interleave(k, 0)[:, None, None, :].repeat(1, w.num_kv_heads, 1, 1).contiguous()
         self.positions = attention_mask.sum(-1).repeat_interleave(k)  # (N,) RoPE position of the next token
         rope_positions = torch.arange(self.max_len, device=device)[None]
-        cos, sin = self.model.model.rotary_emb(self.embed[:1], rope_positions)  # (1, max_len, head_dim)
+        cos, sin = model.model.rotary_emb(w.embed[:1], rope_positions)  # (1, max_len, head_dim)
         self.cos, self.sin = cos[0], sin[0]
         return out.logits[:, -1].repeat_interleave(k, dim=0)
+
+    def split(self, bounds: list[int]) -> list[LlamaStyleDecoder]:
+        """Decoders for the row blocks [bounds[i], bounds[i + 1]): views of this cache, so no copy; each writes
+        only its own rows, and any reallocation (growth, compaction) gives it its own tensors."""
+        parts = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            part = LlamaStyleDecoder(self.weights, self.chunk)
+            part.keys = [t[start:end] for t in self.keys]
+            part.values = [t[start:end] for t in self.values]
+            part.mask, part.positions = self.mask[start:end], self.positions[start:end]
+            part.cur, part.capacity, part.max_len = self.cur, self.capacity, self.max_len
+            part.cos, part.sin = self.cos, self.sin
+            parts.append(part)
+        return parts
 
     # -- cache management ---------------------------------------------------------------------------------
     def needs_growth(self) -> bool:
@@ -160,8 +184,9 @@ class LlamaStyleDecoder:
             new.narrow(dim, self.cur, capacity - self.cur).fill_(fill)  # unwritten slots must not be NaN
             return new
 
-        for layer in self.layers:  # keys/values: (n, kv_heads, capacity, head_dim)
-            layer.keys, layer.values = moved(layer.keys, 2, 0.0), moved(layer.values, 2, 0.0)
+        # keys/values: (n, kv_heads, capacity, head_dim)
+        self.keys = [moved(t, 2, 0.0) for t in self.keys]
+        self.values = [moved(t, 2, 0.0) for t in self.values]
         self.mask = moved(self.mask, 3, float("-inf"))  # (n, kv_heads, 1, capacity)
         if rows is not None:
             self.positions = self.positions.index_select(0, rows)
@@ -171,32 +196,33 @@ class LlamaStyleDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cur >= self.capacity:
             self.select(None)
-        n, slot = tokens.shape[0], self.cur
-        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        w = self.weights
+        n, slot, capacity = tokens.shape[0], self.cur, self.capacity
+        heads, kv_heads, dim = w.num_heads, w.num_kv_heads, w.head_dim
         q_width = heads * dim
         self.mask[..., slot] = 0.0
-        mask = self.mask.view(n * kv_heads, 1, self.capacity)
+        mask = self.mask.view(n * kv_heads, 1, capacity)
         cos = self.cos.index_select(0, self.positions)[:, None, :]  # (n, 1, head_dim)
         sin = self.sin.index_select(0, self.positions)[:, None, :]
-        x = F.embedding(tokens, self.embed)  # (n, hidden)
-        for layer in self.layers:
+        x = F.embedding(tokens, w.embed)  # (n, hidden)
+        for layer, keys, values in zip(w.layers, self.keys, self.values):
             qkv = F.linear(_rms(x, layer.ln1), layer.w_qkv, layer.b_qkv)
             qk = qkv[:, : q_width + kv_heads * dim].view(n, heads + kv_heads, dim)
             if layer.q_norm is not None:
                 qk = torch.cat([_rms(qk[:, :heads], layer.q_norm), _rms(qk[:, heads:], layer.k_norm)], dim=1)
             qk = qk * cos + _rotate_half(qk) * sin
-            layer.keys[:, :, slot] = qk[:, heads:]
-            layer.values[:, :, slot] = qkv[:, q_width + kv_heads * dim :].view(n, kv_heads, dim)
+            keys[:, :, slot] = qk[:, heads:]
+            values[:, :, slot] = qkv[:, q_width + kv_heads * dim :].view(n, kv_heads, dim)
             # Heads sharing a kv head become rows of one matmul (GQA without repeating the cache).
-            q = qk[:, :heads].reshape(n * kv_heads, self.groups, dim)
-            keys = layer.keys.view(n * kv_heads, self.capacity, dim)
-            scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=layer.scaling)
+            q = qk[:, :heads].reshape(n * kv_heads, w.groups, dim)
+            scores = torch.baddbmm(mask, q, keys.view(n * kv_heads, capacity, dim).transpose(1, 2),
+                                   alpha=layer.scaling)
             probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-            attn = torch.bmm(probs, layer.values.view(n * kv_heads, self.capacity, dim))
+            attn = torch.bmm(probs, values.view(n * kv_heads, capacity, dim))
             x = x + F.linear(attn.view(n, q_width), layer.w_o, layer.b_o)
             gate_up = F.linear(_rms(x, layer.ln2), layer.w_gate_up, layer.b_gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             x = x + F.linear(layer.act(gate) * up, layer.w_down, layer.b_down)
         self.cur += 1
         self.positions = self.positions + 1
-        return F.linear(_rms(x, self.final_norm), self.w_lm, self.b_lm)
+        return F.linear(_rms(x, w.final_norm), w.w_lm, w.b_lm)
