@@ -5,6 +5,12 @@ every step (DynamicCache grows by concatenation), rebuilds masks and runs its lo
 step, and keeps finished rows in the batch until the longest one ends. On small models that overhead, not the
 arithmetic, sets the speed (GUIDE 7).
 
+After the prefill (one batch), on CPU the prompts are split into one block per torch thread, and each
+block is decoded by its own Python thread running single-threaded torch ops (``workers``; hand-written
+decoder only): the decode step's ~100 small ops gain little from two threads inside each op, but whole
+blocks run side by side, because torch releases the GIL inside ops.
+Sampling noise is drawn up front, one uniform per (row, step), so the split never changes the samples.
+
 Two model backends share one decode loop (``_decode_loop``):
 - ``LlamaStyleDecoder`` (kv_decoder.py): Llama/Qwen2/Qwen3/Mistral-style models are run layer by layer with
   their own weights, a preallocated cache and a hand-built mask; no HF forward per step.

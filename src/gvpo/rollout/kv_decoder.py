@@ -11,7 +11,9 @@ slots are masked with -inf and hold zeros. The capacity grows by ``chunk`` slots
 reallocation also drops rows that have finished, which is when compaction is free.
 
 Prefill runs the model's own forward once per prompt (the k samples share it); its keys/values are copied
-k-fold into the cache. The decode math is checked against HF generate and teacher forcing in the tests.
+k-fold into the cache. ``split`` hands row blocks of that cache (views) to the fast engine's worker threads;
+the fused weights (``DecoderWeights``) are shared. The decode math is checked against HF generate and
+teacher forcing in the tests.
 """
 
 from __future__ import annotations
