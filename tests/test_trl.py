@@ -79,17 +79,32 @@ def reference(model, inputs, tokenizer, beta, old_logps=None):
 
 
 def recording_trainer(tokenizer, beta):
-    """A GVPOTrainer that recomputes the reference before every micro-batch's loss (same parameters)."""
+    """A GVPOTrainer that recomputes the reference before every micro-batch's loss (same parameters), with
+    pi_theta' = the log-probs each row had when it was generated (recorded per row, before any shuffle)."""
+
+    def row_keys(inputs):
+        return [c.numpy().tobytes() + p.numpy().tobytes()
+                for c, p in zip(inputs["completion_ids"], inputs["prompt_ids"])]
 
     class Recorder(GVPOTrainer):
         records = []  # (reference loss, loss returned to TRL)
-        old = {}  # batch key -> log-probs of the policy that generated it, from the reference forward
+        old = {}  # row key -> log-probs (T,) of the policy that generated the row
+        generations = 0
+
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            if self.model.training:
+                type(self).generations += 1
+                with torch.no_grad():
+                    _, logps = reference(self.model, output, tokenizer, beta)
+                for key, row in zip(row_keys(output), logps):
+                    self.old.setdefault(key, row)
+            return output
 
         def _compute_loss(self, model, inputs):
-            key = inputs["completion_ids"].numpy().tobytes() + inputs["prompt_ids"].numpy().tobytes()
+            old = torch.stack([self.old[key] for key in row_keys(inputs)])
             with torch.no_grad():
-                expected, logps = reference(model, inputs, tokenizer, beta, self.old.get(key))
-            self.old.setdefault(key, logps)  # first use of a batch = the generating policy
+                expected, _ = reference(model, inputs, tokenizer, beta, old)
             loss = super()._compute_loss(model, inputs)
             self.records.append((expected.item(), loss.item()))
             return loss
@@ -105,7 +120,8 @@ def test_logged_loss_is_gvpo_loss_and_training_moves_params(tiny, tmp_path):
                   processing_class=tokenizer)
     # GVPO's beta never reaches TRL's KL machinery: no reference model, KL coefficient 0.
     assert trainer.ref_model is None and trainer.beta == 0.0
-    assert trainer.gvpo_beta == 0.1 and trainer.args.beta == 0.1 and args.steps_per_generation == 1
+    assert trainer.gvpo_beta == 0.1 and trainer.args.beta == 0.1
+    assert args.steps_per_generation == 2  # TRL's default: one generation per optimizer step, split in 2
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
 
@@ -134,7 +150,7 @@ def test_second_iteration_uses_the_generating_policy(tiny, tmp_path):
     trainer = cls(model=path, reward_funcs=first_half_letters, args=args, train_dataset=prompts_dataset(),
                   processing_class=tokenizer)
     trainer.train()
-    assert len(cls.old) == 1 and len(cls.records) == 2  # one batch, used twice
+    assert cls.generations == 1 and len(cls.records) == 2  # one batch, used twice
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     for loss, (expected, returned) in zip(logged, cls.records):
         assert returned == pytest.approx(expected, rel=1e-5, abs=1e-6)
@@ -144,13 +160,42 @@ def test_second_iteration_uses_the_generating_policy(tiny, tmp_path):
     assert implicit_mse[1] != pytest.approx(mean_sq_centred, abs=1e-6), "beta * (s - o) had no effect on replay"
 
 
+def test_micro_batches_of_one_generation_hold_whole_groups_and_its_policy(tiny, tmp_path):
+    """One generation batch cut into 2 micro-batches used by 2 optimizer steps: the group shuffle keeps groups
+    whole (check_whole_groups would raise), and the second micro-batch is scored against the generating policy."""
+    path, tokenizer = tiny
+    args = make_config(tmp_path, beta=1.0, gradient_accumulation_steps=1, steps_per_generation=2, max_steps=2,
+                       learning_rate=1e-2)
+    cls = recording_trainer(tokenizer, beta=1.0)
+    trainer = cls(model=path, reward_funcs=first_half_letters, args=args, train_dataset=prompts_dataset(),
+                  processing_class=tokenizer)
+    trainer.train()
+    assert cls.generations == 1 and len(cls.records) == 2
+    for expected, returned in cls.records:
+        assert returned == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    implicit_mse = [h["gvpo/implicit_reward_mse"] for h in trainer.state.log_history if "loss" in h]
+    assert len(implicit_mse) == 2
+
+
+def test_shuffle_groups_moves_whole_groups():
+    from gvpo.integrations.trl import shuffle_groups
+
+    torch.manual_seed(0)
+    batch = {"ids": torch.arange(12), "text": [f"r{i}" for i in range(12)], "scalar": torch.tensor(3.0), "none": None}
+    orders = set()
+    for _ in range(20):
+        out = shuffle_groups(batch, 3)
+        blocks = out["ids"].view(4, 3)
+        assert (blocks - blocks[:, :1] == torch.arange(3)).all() and (blocks[:, 0] % 3 == 0).all()
+        assert out["text"] == [f"r{i}" for i in out["ids"].tolist()]
+        assert out["scalar"] is batch["scalar"] and out["none"] is None
+        orders.add(tuple(blocks[:, 0].tolist()))
+    assert len(orders) > 1, "the groups were never reordered"
+
+
 def test_partial_groups_are_rejected_with_a_fix(tmp_path):
     with pytest.raises(ValueError, match=r"per_device_train_batch_size=2 is not a multiple of num_generations=4"):
         make_config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
-    with pytest.raises(ValueError, match=r"steps_per_generation=1"):
-        make_config(tmp_path, steps_per_generation=2)
-    with pytest.raises(ValueError, match=r"steps_per_generation"):
-        make_config(tmp_path, generation_batch_size=4 * K)  # = 2 micro-batches per generation
     with pytest.raises(ValueError, match=r"expected num_generations=4 each"):
         check_whole_groups(torch.tensor([0, 0, 0, 0, 1, 1]), 4)
     check_whole_groups(torch.tensor([3, 7, 3, 7, 7, 3, 3, 7]), 4)  # any order is fine

@@ -13,9 +13,9 @@ Differences from ``GRPOConfig`` / ``GRPOTrainer``:
   ``args.beta``.
 - ``scale_rewards`` must be ``"none"`` (the default here): TRL's advantages are then exactly the rewards centred
   per group, the only form of the rewards GVPO uses. A std-scaled advantage would change the target policy.
-- Every micro-batch must hold whole groups: TRL shuffles a process's generation batch before cutting it into
-  ``steps_per_generation`` micro-batches, so ``steps_per_generation`` must be 1 (the default here; grow the batch
-  with ``gradient_accumulation_steps``) and ``per_device_train_batch_size`` a multiple of ``num_generations``.
+- Every micro-batch must hold whole groups: ``per_device_train_batch_size`` must be a multiple of
+  ``num_generations``, and the generation batch is shuffled by whole groups (TRL shuffles rows) before it is cut
+  into ``steps_per_generation`` micro-batches.
 - No ratio, no clipping: ``loss_type``, ``epsilon``, ``epsilon_high``, ``delta``, ``importance_sampling_level``,
   the sapo / vespo options and vLLM's importance-sampling ratio are ignored (GVPO's optimum holds for any
   sampler, Corollary 3.2). Options that would change the objective (entropy bonus or mask, off-policy mask,
@@ -23,7 +23,8 @@ Differences from ``GRPOConfig`` / ``GRPOTrainer``:
 - A completion that every reward function scored ``None`` keeps TRL's advantage 0 (a centred reward of 0).
 
 TRL internals this relies on (tested with trl>=1.16,<1.17): it overrides ``_generate_and_score_completions``
-(to number the groups before TRL shuffles the rows) and ``_compute_loss``; it calls
+(to number the groups), ``_prepare_inputs`` (its training branch, with the group shuffle; it reads ``_step`` and
+``_buffered_inputs``) and ``_compute_loss``; it calls
 ``_get_per_token_logps_and_entropies`` and appends to ``_metrics``; and it assumes TRL's layout: the
 ``num_generations`` completions of a prompt are contiguous in the global generation batch and each process
 holds a contiguous slice of it.
@@ -42,6 +43,8 @@ try:
 except ImportError as e:  # the core package never imports trl; only this module does
     raise ImportError("gvpo.integrations.trl needs TRL: pip install 'gvpo[trl]'") from e
 from packaging.version import Version
+
+from trl.trainer.grpo_trainer import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
 from gvpo.losses import gvpo_loss
 
@@ -77,12 +80,6 @@ class GVPOConfig(GRPOConfig):
         default="none",
         metadata={"help": "Must be 'none': GVPO uses rewards centred per group, never divided by a std."},
     )
-    steps_per_generation: int | None = field(
-        default=None,
-        metadata={"help": "Must be 1 (the default when this and generation_batch_size are unset): TRL shuffles "
-                  "the generation batch before splitting it, which would cut groups apart."},
-    )
-
     def __post_init__(self):
         if not self.beta > 0:
             raise ValueError(f"beta={self.beta}: GVPO needs beta > 0 (the paper's default is 0.1). It is GVPO's "
@@ -97,33 +94,31 @@ class GVPOConfig(GRPOConfig):
             if getattr(self, name) != neutral:
                 raise ValueError(f"{name}={getattr(self, name)!r}: not part of the GVPO objective and not "
                                  f"implemented by GVPOTrainer; leave it at {neutral!r}.")
-        if self.steps_per_generation is None and self.generation_batch_size is None:
-            self.steps_per_generation = 1  # TRL would default it to gradient_accumulation_steps
-        _check_whole_group_settings(self.per_device_train_batch_size, self.num_generations,
-                                    self.steps_per_generation or 1, self.generation_batch_size)
+        if self.per_device_train_batch_size % self.num_generations:
+            fix = self.num_generations * max(1, self.per_device_train_batch_size // self.num_generations)
+            raise ValueError(
+                "GVPO needs all completions of a prompt in the same micro-batch: per_device_train_batch_size="
+                f"{self.per_device_train_batch_size} is not a multiple of num_generations={self.num_generations}; "
+                f"set it to a multiple, e.g. {fix}")
         super().__post_init__()
-        # generation_batch_size, when given, fixed steps_per_generation only now
-        _check_whole_group_settings(self.per_device_train_batch_size, self.num_generations,
-                                    self.steps_per_generation, self.generation_batch_size)
 
 
-def _check_whole_group_settings(per_device_batch_size, num_generations, steps_per_generation,
-                                generation_batch_size) -> None:
-    """Raise unless every training micro-batch of TRL's data layout holds whole groups of num_generations."""
-    problems = []
-    if steps_per_generation != 1:
-        problems.append(
-            f"steps_per_generation={steps_per_generation} (generation_batch_size={generation_batch_size}): TRL "
-            "shuffles each generation batch before splitting it into steps_per_generation micro-batches, which cuts "
-            "groups apart; leave steps_per_generation and generation_batch_size unset (or set "
-            "steps_per_generation=1) and grow the batch with gradient_accumulation_steps instead")
-    if per_device_batch_size % num_generations:
-        fix = num_generations * max(1, per_device_batch_size // num_generations)
-        problems.append(
-            f"per_device_train_batch_size={per_device_batch_size} is not a multiple of num_generations="
-            f"{num_generations}; set it to a multiple, e.g. {fix}")
-    if problems:
-        raise ValueError("GVPO needs all completions of a prompt in the same micro-batch: " + "; ".join(problems))
+def shuffle_groups(batch: dict, num_generations: int) -> dict:
+    """TRL's row shuffle of a generation batch, by whole groups: the rows of each block of ``num_generations``
+    consecutive rows (one group, as TRL lays them out) stay together, so any split at multiples of
+    ``num_generations`` holds whole groups."""
+    rows = len(next(v for v in batch.values() if v is not None))
+    order = torch.randperm(rows // num_generations)
+    index = (order[:, None] * num_generations + torch.arange(num_generations)).flatten()  # (rows,)
+
+    def permute(value):
+        if value is None or (isinstance(value, torch.Tensor) and value.ndim == 0):
+            return value
+        if isinstance(value, torch.Tensor):
+            return value[index.to(value.device)]
+        return [value[i] for i in index.tolist()]
+
+    return {key: permute(value) for key, value in batch.items()}
 
 
 def check_whole_groups(group_ids: torch.Tensor, num_generations: int) -> None:
@@ -136,9 +131,8 @@ def check_whole_groups(group_ids: torch.Tensor, num_generations: int) -> None:
         sizes = sorted(set(counts.tolist()))
         raise ValueError(
             f"group_ids: this micro-batch holds groups of sizes {sizes}, expected num_generations={num_generations} "
-            "each; GVPO needs whole groups per micro-batch. Set steps_per_generation=1 and make "
-            "per_device_train_batch_size (per_device_eval_batch_size when evaluating) a multiple of "
-            "num_generations (num_generations_eval).")
+            "each; GVPO needs whole groups per micro-batch. Make per_device_train_batch_size "
+            "(per_device_eval_batch_size when evaluating) a multiple of num_generations (num_generations_eval).")
 
 
 class GVPOTrainer(GRPOTrainer):
@@ -180,6 +174,18 @@ class GVPOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * B
         output["group_ids"] = torch.arange(start, start + B, device=output["completion_ids"].device) // k  # (B,)
         return output
+
+    def _prepare_inputs(self, generation_batch):
+        """TRL's method with one change in training: the generation batch is shuffled by whole groups before it
+        is cut into steps_per_generation micro-batches (TRL shuffles rows, which would cut groups apart)."""
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        steps = self.args.steps_per_generation
+        if self._step % (steps * self.num_iterations) == 0 or self._buffered_inputs is None:
+            batch = split_pixel_values_by_grid(self._generate_and_score_completions(generation_batch))
+            batch = shuffle_groups(batch, self.num_generations)
+            self._buffered_inputs = [unsplit_pixel_values_by_grid(b) for b in split_tensor_dict(batch, steps)]
+        return self._buffered_inputs[self._step % steps]
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
