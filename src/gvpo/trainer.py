@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,13 +258,15 @@ def _load_rows(config: Config, tokenizer, train_rows, eval_rows):
 
     d = config.data
     if train_rows is None and eval_rows is None and d.dataset and not d.eval_dataset:
-        # One dataset and no eval set: hold out its last num_eval rows, so evaluation never sees a training row.
+        # One dataset and no eval set: hold out num_eval rows, so evaluation never sees a training row. They are
+        # a seeded random sample, not the file's last rows: files are often sorted (by source, difficulty).
         rows = _rows_from(d.dataset, d, "train", 0, config.training.seed)
         if len(rows) <= d.num_eval:
             raise ValueError(f"dataset {d.dataset!r} has {len(rows)} rows, not enough to hold out num_eval="
                              f"{d.num_eval} for evaluation; lower num_eval or set eval_dataset")
-        cut = len(rows) - d.num_eval
-        train_rows, eval_rows = rows[:cut][:d.num_train or None], rows[cut:]
+        held = set(random.Random(config.training.seed).sample(range(len(rows)), d.num_eval))
+        eval_rows = [r for i, r in enumerate(rows) if i in held]
+        train_rows = [r for i, r in enumerate(rows) if i not in held][:d.num_train or None]
     if train_rows is None:
         train_rows = _rows_from(d.dataset, d, "train", d.num_train, config.training.seed)
     if eval_rows is None:
