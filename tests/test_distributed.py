@@ -20,19 +20,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(nproc: int, model_dir: str, out: Path, steps: int = 3):
+def _launch(nproc: int, model_dir: str, out: Path, steps: int = 3, replay: int = 0):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), model_dir, str(out), str(steps)]
+           "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), model_dir, str(out), str(steps), str(replay)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["num_processes"] == nproc
     return load_file(str(out / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
 
 
-def test_two_processes_equal_one(tmp_path, tiny_model_dir):
-    one = _launch(1, tiny_model_dir, tmp_path / "one")
-    two = _launch(2, tiny_model_dir, tmp_path / "two")
+@pytest.mark.parametrize("replay", [0, 2], ids=["fresh", "replay"])
+def test_two_processes_equal_one(tmp_path, tiny_model_dir, replay):
+    """With replay too: every rank stores every rank's responses, and the history pick is seeded per prompt."""
+    one = _launch(1, tiny_model_dir, tmp_path / "one", replay=replay)
+    two = _launch(2, tiny_model_dir, tmp_path / "two", replay=replay)
+    if replay:
+        for out in ("one", "two"):
+            log = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+            assert sum(r.get("replayed", 0) for r in log) > 0, "no history was replayed: the test checks nothing"
     start = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     moved = max((one[k] - start[k]).abs().max().item() for k in one)
     assert moved > 1e-3  # training did change the weights

@@ -56,11 +56,13 @@ def make_batch(prompt_ids: list[list[int]], rollout: Rollout, rewards: list[floa
 
 
 def split_groups(batch: Batch, n: int) -> list[Batch]:
-    """Split into at most ``n`` sub-batches of whole groups (groups in order of first appearance)."""
+    """Split into at most ``n`` sub-batches of whole groups, in group-id order. Group ids are the prompts'
+    global positions, so every rank's k-th sub-batch holds its share of the same global sub-batch (rows
+    themselves come in engine order: with replay, prompts are generated grouped by how many fresh samples)."""
     if n <= 1:
         return [batch]
     ids = batch.group_ids.tolist()
-    order = list(dict.fromkeys(ids))
+    order = sorted(set(ids))
     per = math.ceil(len(order) / n)
     chunks = [set(order[i:i + per]) for i in range(0, len(order), per)]
     return [batch.select(torch.tensor([g in chunk for g in ids], device=batch.group_ids.device)) for chunk in chunks]

@@ -171,10 +171,10 @@ def train_step(run: Run, step: int) -> dict:
     if hasattr(run.engine, "sync_weights"):  # engines that hold their own copy (vLLM) get the new weights
         run.engine.sync_weights(run.policy)
     prompt_ids = [r["prompt_ids"] for r in rows]
-    history = _history(run.replay, keys, config, step, run.generator)
-    counts = [config.rollout.num_generations - len(h) for h in history]
     # One noise stream per (seed, step, global prompt position): any number of processes samples the same.
     seeds = [(config.training.seed * 1_000_003 + step) * 65_537 + rank + world * i for i in range(len(rows))]
+    history = _history(run.replay, keys, config, step, seeds)
+    counts = [config.rollout.num_generations - len(h) for h in history]
     rollout = generate_groups(run.engine, prompt_ids, counts, run.sampling, run.generator, seeds)
     t_gen = time.perf_counter() - t0
     # 3. Score; unscorable responses (None) leave their group.
@@ -187,7 +187,7 @@ def train_step(run: Run, step: int) -> dict:
     replayed = None
     if run.replay is not None:
         rollout, rewards, replayed = _mix_history(run.replay, rollout, rewards, history, keys, step,
-                                                  tokenizer.pad_token_id)
+                                                  tokenizer.pad_token_id, accelerator)
         metrics.update(replayed=sum(replayed), replay_buffer_size=len(run.replay))
     # Group id = the prompt's position in the step's global batch (unique even if a prompt repeats).
     group_of = [rank + world * i for i in rollout.prompt_index.tolist()]
@@ -310,20 +310,37 @@ def _rows_from(source: str, d, split: str, limit: int, seed: int) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def _history(replay, keys, config, step, generator) -> list[list]:
-    """Per prompt, the stored responses that join its group this step (none without replay)."""
+def _history(replay, keys, config, step, seeds) -> list[list]:
+    """Per prompt, the stored responses that join its group this step (none without replay). The pick is
+    seeded per prompt (from its generation seed), so it does not depend on the number of processes."""
     if replay is None:
         return [[] for _ in keys]
     replay.evict(step)
-    return [replay.sample(key, config.replay.num_historical, generator) for key in keys]
+    return [replay.sample(key, config.replay.num_historical, torch.Generator().manual_seed(_mix(seed)))
+            for key, seed in zip(keys, seeds)]
 
 
-def _mix_history(replay, rollout, rewards, history, keys, step, pad_token_id):
-    """Store the fresh responses, then append the replayed ones; returns (rollout, rewards, is_replayed)."""
+def _mix(seed: int) -> int:
+    """A second seed from a generation seed (an LCG step), so the replay pick does not reuse a noise stream."""
+    return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
+
+
+def _mix_history(replay, rollout, rewards, history, keys, step, pad_token_id, accelerator=None):
+    """Store the fresh responses, then append the replayed ones; returns (rollout, rewards, is_replayed).
+
+    Every process stores every process's fresh responses, in the order of the prompts' global positions: a
+    prompt lands on any rank when it recurs, and the buffers are the same as in a single process."""
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
     fresh = rollout_responses(rollout, rewards, version=step)
-    for row, response in zip(rollout.prompt_index.tolist(), fresh):
-        if not math.isnan(response.reward):
-            replay.add(keys[row], [response])
+    stored = [(rank + world * p, row, keys[p], response)
+              for row, (p, response) in enumerate(zip(rollout.prompt_index.tolist(), fresh))
+              if not math.isnan(response.reward)]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        stored = gather_object(stored)
+    for _, _, key, response in sorted(stored, key=lambda item: item[:2]):
+        replay.add(key, [response])
     old = [(p, r) for p, responses in enumerate(history) for r in responses]
     if not old:
         return rollout, rewards, [False] * len(rewards)
