@@ -5,7 +5,8 @@
 
 `run` trains every configuration below for every task and seed (`gvpo train` in subprocesses, `--jobs` at a
 time, one torch thread each), skipping runs whose summary.json exists, into runs/ablations/<task>/<name>/s<seed>.
-`report` reads them back and writes Markdown tables and PNG plots (mean +/- std over seeds).
+`report` reads them back and writes Markdown tables and PNG plots (mean +/- std over seeds 0-2; where
+gvpo, grpo and dr_grpo ran more seeds, Table 1 is repeated over all of them, paired by seed).
 
 Regime (GUIDE, section 1): with one on-policy update per batch, beta only rescales the GVPO gradient, so every
 run here makes 4 updates per batch (num_mini_batches = 4, as the authors' script); pi_theta' is the policy
@@ -91,13 +92,39 @@ def run(tasks, seeds, jobs, only=None):
 # Report
 
 
-def _load(task, name):
+def _load(task, name, seeds=None):
+    """The finished runs of one configuration: those of `seeds` (default: the report's seeds)."""
+    seeds = SEEDS if seeds is None else seeds
     out = []
     for d in sorted((ROOT / task / name).glob("s*")):
-        if (d / "summary.json").exists():
+        if (d / "summary.json").exists() and (seeds == "all" or int(d.name[1:]) in seeds):
             rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-            out.append({"summary": json.loads((d / "summary.json").read_text()), "metrics": rows})
+            out.append({"seed": int(d.name[1:]), "summary": json.loads((d / "summary.json").read_text()),
+                        "metrics": rows})
     return out
+
+
+SEEDS = (0, 1, 2)  # the seeds every table reports (so that all configurations compare over the same seeds)
+
+
+def _paired(task) -> list[str]:
+    """Table (a) over every seed that all three algorithms ran, with GVPO's paired difference to each."""
+    finals = {n: {r["seed"]: r["summary"]["final_accuracy"] for r in _load(task, n, "all")}
+              for n in ("gvpo", "grpo", "dr_grpo")}
+    seeds = sorted(set.intersection(*(set(v) for v in finals.values())))
+    if len(seeds) <= len(SEEDS):
+        return []
+    lines = [f"(a') Table 1 analogue over all {len(seeds)} seeds that ran it ({seeds[0]}-{seeds[-1]}); GVPO minus "
+             "the other algorithm on the same seed (same base model and held-out set), mean ± standard error", "",
+             "| | accuracy | GVPO minus it | seeds GVPO is ahead |", "|---|---|---|---|"]
+    for name, label in (("grpo", "+GRPO"), ("dr_grpo", "+Dr. GRPO"), ("gvpo", "+GVPO")):
+        values = [finals[name][s] for s in seeds]
+        diff = [finals["gvpo"][s] - finals[name][s] for s in seeds]
+        paired = "" if name == "gvpo" else (f"{100 * statistics.mean(diff):+.1f} ± "
+                                            f"{100 * statistics.stdev(diff) / len(diff) ** 0.5:.1f}")
+        ahead = "" if name == "gvpo" else f"{sum(d > 0 for d in diff)} of {len(diff)}"
+        lines.append(f"| {label} | {_stat(values)} | {paired} | {ahead} |")
+    return lines + [""]
 
 
 def _stat(values):
@@ -133,6 +160,7 @@ def report(tasks, out_dir: Path):
             _curve(ax, runs, label)
         _finish(ax, fig, f"{task}: held-out accuracy", out_dir / f"{task}_table1.png")
         lines += ["", f"![]({task}_table1.png)", ""]
+        lines += _paired(task)
 
         lines += ["(b) beta (GVPO, 4 updates per batch)", "", "| beta | accuracy |", "|---|---|"]
         betas = [(0.01, "gvpo_beta0.01"), (0.05, "gvpo_beta0.05"), (0.1, "gvpo"), (0.2, "gvpo_beta0.2"),
