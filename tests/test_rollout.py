@@ -412,3 +412,19 @@ def test_worker_threads_do_not_change_the_rollout(temperature, tokenizer):
         assert torch.equal(runs[workers].completion_mask, runs[1].completion_mask)
         torch.testing.assert_close(runs[workers].behavior_logps, runs[1].behavior_logps, atol=1e-5, rtol=0)
     assert runs[1].completion_mask.sum(-1).min() < 12, "some row should end at EOS, so compaction ran"
+
+
+def test_default_workers_follow_threads_and_batch_size(tokenizer):
+    """One worker per torch thread, but never fewer than 64 rows each (below that, splitting was slower)."""
+    model = tiny_model("qwen2", len(tokenizer))
+    engine = FastEngine(model, tokenizer, eos_token_ids=())
+    params = SamplingParams(max_new_tokens=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert engine.generate([[3, 4]] * 16, 8, params).extra["workers"] == 2  # 128 rows
+        assert engine.generate([[3, 4]] * 2, 8, params).extra["workers"] == 1  # 16 rows
+        torch.set_num_threads(1)
+        assert engine.generate([[3, 4]] * 16, 8, params).extra["workers"] == 1
+    finally:
+        torch.set_num_threads(threads)

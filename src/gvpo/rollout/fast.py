@@ -5,10 +5,10 @@ every step (DynamicCache grows by concatenation), rebuilds masks and runs its lo
 step, and keeps finished rows in the batch until the longest one ends. On small models that overhead, not the
 arithmetic, sets the speed (GUIDE 7).
 
-After the prefill (one batch), on CPU the prompts are split into one block per torch thread, and each
-block is decoded by its own Python thread running single-threaded torch ops (``workers``; hand-written
-decoder only): the decode step's ~100 small ops gain little from two threads inside each op, but whole
-blocks run side by side, because torch releases the GIL inside ops.
+After the prefill (one batch), on CPU the prompts are split into one block per torch thread (at most one per
+64 rows), and each block is decoded by its own Python thread with its share of the torch threads
+(``workers``; hand-written decoder only): the decode step's ~100 small ops gain little from two threads
+inside each op, but whole blocks run side by side, because torch releases the GIL inside ops.
 Sampling noise is drawn up front, one uniform per (row, step), so the split never changes the samples.
 
 Two model backends share one decode loop (``_decode_loop``):
@@ -69,6 +69,9 @@ class HFCacheBackend:
         self.positions = self.positions[rows]
 
 
+MIN_ROWS_PER_WORKER = 64  # default split: at least this many rows (prompts x k) per worker thread
+
+
 class FastEngine:
     """KV-cache rollout engine. Holds a reference to the live model; the trainer may update it in place.
 
@@ -81,9 +84,10 @@ class FastEngine:
             leave early; the exact cut is always made afterwards.
         backend: "auto" (hand-written decoder when the architecture is supported), "layers" or "hf".
         workers: CPU only: the prompts are split into this many blocks, each decoded by its own thread with
-            one torch thread (default: torch's thread count). Why: a decode step is ~100 small ops, which
-            gain little from two threads inside each op (1.3x on 2 cores) but scale when whole blocks run
-            side by side (torch releases the GIL inside ops). Results do not depend on it.
+            an equal share of torch's threads (default: one per torch thread, at most one per 64 rows). Why:
+            a decode step is ~100 small ops, which gain little from two threads inside each op (1.3x on 2
+            cores) but scale when whole blocks run side by side (torch releases the GIL inside ops). Results
+            do not depend on it.
     """
 
     name = "fast"
@@ -122,11 +126,14 @@ class FastEngine:
             return HFCacheBackend(self.model)
         return LlamaStyleDecoder(self.model)
 
-    def _num_workers(self, backend, device: torch.device, num_prompts: int) -> int:
+    def _num_workers(self, backend, device: torch.device, num_prompts: int, k: int) -> int:
         if not hasattr(backend, "split") or device.type != "cpu":
             return 1  # HF forwards are not split; on a GPU one batch is best
-        wanted = torch.get_num_threads() if self.workers is None else self.workers
-        return max(1, min(wanted, num_prompts))
+        if self.workers is not None:
+            return max(1, min(self.workers, num_prompts))
+        # Measured on 2 cores (default model): below ~32 rows per worker the workers' per-op Python work
+        # contends for the GIL and splitting is slower (16 rows: 116 vs 70 ms); from 64 rows each it pays.
+        return max(1, min(torch.get_num_threads(), num_prompts, num_prompts * k // MIN_ROWS_PER_WORKER))
 
     def generate(
         self,
@@ -164,7 +171,7 @@ class FastEngine:
         try:
             with torch.inference_mode():
                 logits = backend.prefill(input_ids, attention_mask, k, max_new)  # whole batch, all threads
-                workers = self._num_workers(backend, device, len(prompt_ids))
+                workers = self._num_workers(backend, device, len(prompt_ids), k)
                 # Blocks of whole prompts, as even as possible, so every block ends on a group boundary.
                 bounds = [round(i * len(prompt_ids) / workers) * k for i in range(workers + 1)]
                 parts = backend.split(bounds) if workers > 1 else [backend]
@@ -199,16 +206,16 @@ class FastEngine:
 
 
 def _run_parallel(jobs):
-    """Run the jobs, each in its own thread with one torch thread when there are several; results in order.
-
-    torch.set_num_threads also sets MKL's process-wide count, so the caller's count is restored afterwards.
-    """
+    """Run the jobs, each in its own thread with an equal share of torch's threads when there are several;
+    results in order. torch.set_num_threads also sets MKL's process-wide count, so the caller's count is
+    restored afterwards."""
     if len(jobs) == 1:
         return [jobs[0]()]
     before = torch.get_num_threads()
+    share = max(1, before // len(jobs))
 
     def run(job):
-        torch.set_num_threads(1)
+        torch.set_num_threads(share)
         with torch.inference_mode():  # grad mode is per thread
             return job()
 
