@@ -265,7 +265,10 @@ def test_stop_strings_cut_right_after_the_first_occurrence(tokenizer):
     want = [expected(t) for t in plain]
     assert len(want[1]) < 16
     params = SamplingParams(max_new_tokens=16, temperature=0, stop_strings=(stop, "never-appears"))
-    for name, engine in engines(model, tokenizer, eos_token_ids=()).items():
+    runs = engines(model, tokenizer, eos_token_ids=())
+    # worker threads decode (and check stop strings) side by side
+    runs["fast-2-workers"] = FastEngine(model, tokenizer, eos_token_ids=(), workers=2, stop_check_every=2)
+    for name, engine in runs.items():
         rollout = engine.generate(PROMPTS, 1, params)
         assert completions(rollout) == want, name
         text = tokenizer.decode(want[1])
