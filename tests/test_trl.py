@@ -141,40 +141,26 @@ def test_logged_loss_is_gvpo_loss_and_training_moves_params(tiny, tmp_path):
     assert changed, "no parameter changed after 3 GVPO steps"
 
 
-def test_second_iteration_uses_the_generating_policy(tiny, tmp_path):
-    """num_iterations=2: the replayed batch is scored against pi_theta' = the policy that generated it."""
+@pytest.mark.parametrize("reuse", [{"num_iterations": 2}, {"steps_per_generation": 2}],
+                         ids=["second-iteration", "second-micro-batch"])
+def test_reused_batches_are_scored_against_the_generating_policy(tiny, tmp_path, reuse):
+    """One generation used by 2 optimizer steps, as a second iteration over the batch or as its second
+    micro-batch (TRL cuts the generation batch in 2; the group shuffle keeps groups whole, else
+    check_whole_groups raises): the later step is scored against pi_theta' = the policy that generated it."""
     path, tokenizer = tiny
-    args = make_config(tmp_path, beta=1.0, gradient_accumulation_steps=1, num_iterations=2, max_steps=2,
-                       learning_rate=1e-2)
-    cls = recording_trainer(tokenizer, beta=1.0)
-    trainer = cls(model=path, reward_funcs=first_half_letters, args=args, train_dataset=prompts_dataset(),
-                  processing_class=tokenizer)
-    trainer.train()
-    assert cls.generations == 1 and len(cls.records) == 2  # one batch, used twice
-    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    for loss, (expected, returned) in zip(logged, cls.records):
-        assert returned == pytest.approx(expected, rel=1e-5, abs=1e-6)
-        assert loss == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    implicit_mse = [h["gvpo/implicit_reward_mse"] for h in trainer.state.log_history if "loss" in h]
-    mean_sq_centred = implicit_mse[0]  # step 1: R_theta = 0
-    assert implicit_mse[1] != pytest.approx(mean_sq_centred, abs=1e-6), "beta * (s - o) had no effect on replay"
-
-
-def test_micro_batches_of_one_generation_hold_whole_groups_and_its_policy(tiny, tmp_path):
-    """One generation batch cut into 2 micro-batches used by 2 optimizer steps: the group shuffle keeps groups
-    whole (check_whole_groups would raise), and the second micro-batch is scored against the generating policy."""
-    path, tokenizer = tiny
-    args = make_config(tmp_path, beta=1.0, gradient_accumulation_steps=1, steps_per_generation=2, max_steps=2,
-                       learning_rate=1e-2)
+    args = make_config(tmp_path, beta=1.0, gradient_accumulation_steps=1, max_steps=2, learning_rate=1e-2, **reuse)
     cls = recording_trainer(tokenizer, beta=1.0)
     trainer = cls(model=path, reward_funcs=first_half_letters, args=args, train_dataset=prompts_dataset(),
                   processing_class=tokenizer)
     trainer.train()
     assert cls.generations == 1 and len(cls.records) == 2
-    for expected, returned in cls.records:
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    for loss, (expected, returned) in zip(logged, cls.records):
         assert returned == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    implicit_mse = [h["gvpo/implicit_reward_mse"] for h in trainer.state.log_history if "loss" in h]
-    assert len(implicit_mse) == 2
+        assert loss == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    if "num_iterations" in reuse:  # the same rows twice: R_theta = 0 at step 1, not at step 2
+        implicit_mse = [h["gvpo/implicit_reward_mse"] for h in trainer.state.log_history if "loss" in h]
+        assert implicit_mse[1] != pytest.approx(implicit_mse[0], abs=1e-6), "beta * (s - o) had no effect"
 
 
 def test_shuffle_groups_moves_whole_groups():
