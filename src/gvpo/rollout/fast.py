@@ -131,7 +131,7 @@ class FastEngine:
             return 1  # HF forwards are not split; on a GPU one batch is best
         if self.workers is not None:
             return max(1, min(self.workers, num_prompts))
-        # Measured on 2 cores (default model): below ~32 rows per worker the workers' per-op Python work
+        # Measured on 2 cores (default model): with <= 32 rows per worker the workers' per-op Python work
         # contends for the GIL and splitting is slower (16 rows: 116 vs 70 ms); from 64 rows each it pays.
         return max(1, min(torch.get_num_threads(), num_prompts, num_prompts * k // MIN_ROWS_PER_WORKER))
 
