@@ -160,8 +160,9 @@ class FastEngine:
             uniforms = torch.zeros((len(prompt_ids) * k, max_new), device=device)  # greedy: no noise, no RNG use
         elif seeds is not None:
             uniforms = row_uniforms(seeds, k, max_new, device)
-        else:
-            uniforms = torch.rand((len(prompt_ids) * k, max_new), generator=generator).to(device)
+        else:  # torch.rand must draw on its generator's device
+            on = generator.device if generator is not None else device
+            uniforms = torch.rand((len(prompt_ids) * k, max_new), generator=generator, device=on).to(device)
         decode = functools.partial(
             _decode_loop, params=params, eos_ids=self.eos_token_ids, compact_fraction=self.compact_fraction,
             stop_check=self._stop_checker(params),
