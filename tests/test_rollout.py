@@ -431,3 +431,18 @@ def test_default_workers_follow_threads_and_batch_size(tokenizer):
         assert engine.generate([[3, 4]] * 16, 8, params).extra["workers"] == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_worker_threads_keep_the_callers_autocast(tokenizer):
+    """Autocast is per thread: the workers must compute in the caller's autocast dtype, as one worker does."""
+    model = tiny_model("qwen2", len(tokenizer))
+    params = SamplingParams(max_new_tokens=6)
+    runs = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for workers in (1, 2):
+            engine = FastEngine(model, tokenizer, eos_token_ids=(), workers=workers)
+            runs[workers] = engine.generate([[3, 4, 5]] * 4, 3, params, torch.Generator().manual_seed(1))
+    plain = FastEngine(model, tokenizer, eos_token_ids=(), workers=2).generate(
+        [[3, 4, 5]] * 4, 3, params, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(runs[2].behavior_logps, runs[1].behavior_logps, atol=1e-6, rtol=0)
+    assert not torch.allclose(plain.behavior_logps, runs[2].behavior_logps, atol=1e-6), "bf16 had no effect"

@@ -57,8 +57,9 @@ def make_batch(prompt_ids: list[list[int]], rollout: Rollout, rewards: list[floa
 
 def split_groups(batch: Batch, n: int) -> list[Batch]:
     """Split into at most ``n`` sub-batches of whole groups, in group-id order. Group ids are the prompts'
-    global positions, so every rank's k-th sub-batch holds its share of the same global sub-batch (rows
-    themselves come in engine order: with replay, prompts are generated grouped by how many fresh samples)."""
+    global positions, so when each rank's prompts divide evenly into ``n``, every rank's k-th sub-batch is
+    its share of the single-process k-th sub-batch (whatever order the engine returned the rows in: with
+    replay, prompts are generated grouped by their number of fresh samples)."""
     if n <= 1:
         return [batch]
     ids = batch.group_ids.tolist()

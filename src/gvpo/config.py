@@ -58,7 +58,7 @@ class DataConfig:
     # A jsonl / json / parquet file, a Hugging Face dataset name, or a benchmark name of gvpo.data.
     dataset: str = ""
     # Held-out data for evaluation: same forms as `dataset`; empty = the task's test split, or, with a
-    # `dataset`, num_eval of its rows drawn at random with training.seed (held out from training).
+    # `dataset`, num_eval of its rows drawn at random with a fixed seed (held out from training).
     eval_dataset: str = ""
     # Column holding the prompt text (a problem is wrapped by `template`) and the gold answer.
     prompt_column: str = "prompt"

@@ -253,20 +253,25 @@ def _prepare_model(model, config: Config):
     return model
 
 
+HELD_OUT_SEED = 0  # fixes which rows of a single dataset are held out, independently of training.seed
+
+
 def _load_rows(config: Config, tokenizer, train_rows, eval_rows):
     from gvpo.data import encode_prompts, format_prompt, validate_rows
 
     d = config.data
     if train_rows is None and eval_rows is None and d.dataset and not d.eval_dataset:
-        # One dataset and no eval set: hold out num_eval rows, so evaluation never sees a training row. They are
-        # a seeded random sample, not the file's last rows: files are often sorted (by source, difficulty).
+        # One dataset and no eval set: hold out num_eval rows, so evaluation never sees a training row. Rows are
+        # taken in a fixed random order (files are often sorted by source or difficulty): the same held-out
+        # set for every training seed, and num_train caps a random subset, not the file's head.
         rows = _rows_from(d.dataset, d, "train", 0, config.training.seed)
         if len(rows) <= d.num_eval:
             raise ValueError(f"dataset {d.dataset!r} has {len(rows)} rows, not enough to hold out num_eval="
                              f"{d.num_eval} for evaluation; lower num_eval or set eval_dataset")
-        held = set(random.Random(config.training.seed).sample(range(len(rows)), d.num_eval))
-        eval_rows = [r for i, r in enumerate(rows) if i in held]
-        train_rows = [r for i, r in enumerate(rows) if i not in held][:d.num_train or None]
+        order = random.Random(HELD_OUT_SEED).sample(range(len(rows)), len(rows))
+        held = sorted(order[:d.num_eval])
+        eval_rows = [rows[i] for i in held]
+        train_rows = [rows[i] for i in sorted(order[d.num_eval:][:d.num_train or None])]
     if train_rows is None:
         train_rows = _rows_from(d.dataset, d, "train", d.num_train, config.training.seed)
     if eval_rows is None:

@@ -44,7 +44,8 @@ except ImportError as e:  # the core package never imports trl; only this module
     raise ImportError("gvpo.integrations.trl needs TRL: pip install 'gvpo[trl]'") from e
 from packaging.version import Version
 
-from trl.trainer.grpo_trainer import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
+from trl.extras.profiling import profiling_decorator
+from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
 from gvpo.losses import gvpo_loss
 
@@ -108,6 +109,8 @@ def shuffle_groups(batch: dict, num_generations: int) -> dict:
     consecutive rows (one group, as TRL lays them out) stay together, so any split at multiples of
     ``num_generations`` holds whole groups."""
     rows = len(next(v for v in batch.values() if v is not None))
+    if rows % num_generations:
+        raise ValueError(f"shuffle_groups: {rows} rows are not whole groups of num_generations={num_generations}")
     order = torch.randperm(rows // num_generations)
     index = (order[:, None] * num_generations + torch.arange(num_generations)).flatten()  # (rows,)
 
@@ -175,6 +178,7 @@ class GVPOTrainer(GRPOTrainer):
         output["group_ids"] = torch.arange(start, start + B, device=output["completion_ids"].device) // k  # (B,)
         return output
 
+    @profiling_decorator
     def _prepare_inputs(self, generation_batch):
         """TRL's method with one change in training: the generation batch is shuffled by whole groups before it
         is cut into steps_per_generation micro-batches (TRL shuffles rows, which would cut groups apart)."""

@@ -57,7 +57,8 @@ def sample_tokens(
     else:
         if uniforms is None:
             uniforms = torch.rand(logps.shape[0], generator=generator, device=generator.device if generator else None)
-        cdf = logps.exp().cumsum(dim=-1)
+        # float64: a float32 parallel scan (CUDA) can step up by a rounding error at a zero-probability token.
+        cdf = logps.exp().cumsum(dim=-1, dtype=torch.float64)
         # right=True: the first token whose cumulative mass exceeds u, so zero-probability tokens are never hit.
         target = (uniforms.to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
         tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logps.shape[-1] - 1)

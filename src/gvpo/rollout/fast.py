@@ -208,16 +208,17 @@ class FastEngine:
 
 def _run_parallel(jobs):
     """Run the jobs, each in its own thread with an equal share of torch's threads when there are several;
-    results in order. torch.set_num_threads also sets MKL's process-wide count, so the caller's count is
-    restored afterwards."""
+    results in order. Grad mode and autocast are per thread, so the workers take the caller's; and
+    torch.set_num_threads also changes the count that later threads start with, so the caller's is restored."""
     if len(jobs) == 1:
         return [jobs[0]()]
     before = torch.get_num_threads()
     share = max(1, before // len(jobs))
+    autocast = dict(device_type="cpu", dtype=torch.get_autocast_dtype("cpu"), enabled=torch.is_autocast_enabled("cpu"))
 
     def run(job):
         torch.set_num_threads(share)
-        with torch.inference_mode():  # grad mode is per thread
+        with torch.inference_mode(), torch.autocast(**autocast):
             return job()
 
     try:

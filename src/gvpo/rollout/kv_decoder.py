@@ -156,7 +156,8 @@ class LlamaStyleDecoder:
 
     def split(self, bounds: list[int]) -> list[LlamaStyleDecoder]:
         """Decoders for the row blocks [bounds[i], bounds[i + 1]): views of this cache, so no copy; each writes
-        only its own rows, and any reallocation (growth, compaction) gives it its own tensors."""
+        only its own rows, and any reallocation (growth, compaction) gives it its own tensors. This decoder
+        lets go of the cache, so that its memory is freed once every part has reallocated."""
         parts = []
         for start, end in zip(bounds[:-1], bounds[1:]):
             part = LlamaStyleDecoder(self.weights, self.chunk)
@@ -166,6 +167,7 @@ class LlamaStyleDecoder:
             part.cur, part.capacity, part.max_len = self.cur, self.capacity, self.max_len
             part.cos, part.sin = self.cos, self.sin
             parts.append(part)
+        self.keys, self.values, self.mask, self.positions = [], [], None, None
         return parts
 
     # -- cache management ---------------------------------------------------------------------------------
