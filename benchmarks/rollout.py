@@ -11,6 +11,7 @@ Also measures fp32 matmul throughput in the same run and prints each engine's fr
     .venv/bin/python benchmarks/rollout.py            # torch default threads (2 on the dev machine)
     .venv/bin/python benchmarks/rollout.py --reps 3 --threads 1
     .venv/bin/python benchmarks/rollout.py --natural-eos --skip-25m   # RL workload: rows end at EOS
+    .venv/bin/python benchmarks/rollout.py --prompt-len 150 --skip-25m  # long prompts (shared prompt cache)
 
 With --natural-eos the engines sample different completions (different RNG streams), so they differ a little
 in token count; tokens/s and the speedup use each engine's own count, the FLOP fraction is approximate.
@@ -59,8 +60,12 @@ def random_qwen2(vocab: int, hidden: int, layers: int, heads: int):
     return Qwen2ForCausalLM(config).eval()
 
 
-def make_prompts(tokenizer, vocab: int, num: int, seed: int = 0) -> list[list[int]]:
-    """Task prompts through the real tokenizer when there is one, else random ids of similar lengths (8-14)."""
+def make_prompts(tokenizer, vocab: int, num: int, seed: int = 0, length: int = 0) -> list[list[int]]:
+    """Task prompts through the real tokenizer when there is one, else random ids of similar lengths (8-14);
+    `length` > 0: random ids of exactly that many tokens (long prompts, as in math RL)."""
+    if length:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(3, vocab, (num, length), generator=g).tolist()
     if tokenizer is not None:
         try:
             from gvpo.tasks import make_dataset
@@ -136,6 +141,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     parser.add_argument("--model", default=None, help="a local model folder instead of the default model")
     parser.add_argument("--skip-25m", action="store_true")
+    parser.add_argument("--prompt-len", type=int, default=0,
+                        help="random prompts of this many tokens instead of the task's (~9 tokens)")
     parser.add_argument("--natural-eos", action="store_true",
                         help="let completions end at EOS (the RL workload; engines then differ in token count)")
     args = parser.parse_args()
@@ -143,10 +150,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     name, model, tokenizer, note = load_default(args.model)
-    models = [(name, model, make_prompts(tokenizer, model.config.vocab_size, args.prompts), note)]
+    prompts = make_prompts(tokenizer, model.config.vocab_size, args.prompts, length=args.prompt_len)
+    models = [(name, model, prompts, note)]
     if not args.skip_25m:
         big = random_qwen2(vocab=model.config.vocab_size, hidden=512, layers=6, heads=8)
-        models.append(("25M", big, make_prompts(tokenizer, big.config.vocab_size, args.prompts), "random weights"))
+        prompts = make_prompts(tokenizer, big.config.vocab_size, args.prompts, length=args.prompt_len)
+        models.append(("25M", big, prompts, "random weights"))
 
     gflops_before = matmul_gflops()
     rows = []

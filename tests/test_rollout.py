@@ -12,6 +12,7 @@ import torch
 
 from gvpo.rollout import FastEngine, HFEngine, make_engine, processed_logps
 from gvpo.rollout.base import left_pad, stop_string_cut
+from gvpo.rollout import kv_decoder
 from gvpo.rollout.kv_decoder import unsupported_reason
 from gvpo.types import SamplingParams
 
@@ -27,6 +28,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, params=["prompt-copied", "prompt-shared"])
+def prompt_cache(request, monkeypatch):
+    """Every test runs with the prompt copied into each row's cache (what short prompts get) and with one
+    shared prompt cache per prompt (what long prompts get)."""
+    if request.param == "prompt-shared":
+        monkeypatch.setattr(kv_decoder, "SHARE_MIN_SAVED_SLOTS", 0)
+    return request.param
 
 
 @pytest.fixture(scope="module")
