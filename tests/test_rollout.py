@@ -34,8 +34,7 @@ def one_thread():
 def prompt_cache(request, monkeypatch):
     """Every test runs with the prompt copied into each row's cache (what short prompts get) and with one
     shared prompt cache per prompt (what long prompts get)."""
-    if request.param == "prompt-shared":
-        monkeypatch.setattr(kv_decoder, "SHARE_MIN_SAVED_SLOTS", 0)
+    monkeypatch.setattr(kv_decoder, "SHARE_MIN_SAVED_SLOTS", 0 if request.param == "prompt-shared" else 10**9)
     return request.param
 
 

@@ -120,6 +120,7 @@ class DecoderWeights:
 # reading (k - 1) copies of the prompt. Measured on 2 cores (default model, 64 prompts, k = 8, 64 new
 # tokens), shared vs copied: 9-token prompts 0.535 vs 0.493 s, 16 tokens 0.500 vs 0.483, 32 tokens 0.537 vs
 # 0.572, 64 tokens 0.587 vs 0.710; so prompts are shared from 128 saved slots (16 tokens x 7 copies) up.
+# A heuristic from one model (hidden 96, head_dim 24, no GQA): wider heads favour sharing earlier.
 SHARE_MIN_SAVED_SLOTS = 128
 
 
@@ -129,7 +130,7 @@ class LlamaStyleDecoder:
 
     Each row has its own cache (``keys``/``values``, with an additive ``mask``). A long prompt is kept once
     (``prompt_keys``/``prompt_values``) and its k rows attend to it as one matmul; a short one is copied into
-    every row's cache (``share_prompt``).
+    every row's cache (see SHARE_MIN_SAVED_SLOTS).
     """
 
     def __init__(self, model, chunk: int = 16):
@@ -208,6 +209,7 @@ class LlamaStyleDecoder:
             part.cos, part.sin = self.cos, self.sin
             parts.append(part)
         self.prompt_keys, self.prompt_values, self.keys, self.values = [], [], [], []
+        self.mask = self.positions = None
         return parts
 
     # -- cache management ---------------------------------------------------------------------------------
@@ -238,14 +240,15 @@ class LlamaStyleDecoder:
             return
         self.positions, self.sample_of = self.positions[rows], self.sample_of[rows]
         self.prompt_of = self.prompt_of[rows]
+        if not self.prompt_keys:
+            return  # prompts copied into the rows: nothing per prompt to keep
         alive = torch.unique(self.prompt_of)  # sorted
         if alive.numel() < self.num_prompts:
-            if self.prompt_keys:
-                heads = self.weights.num_kv_heads
-                kept = (alive[:, None] * heads + torch.arange(heads, device=alive.device)).flatten()
-                self.prompt_keys = [t.index_select(0, kept) for t in self.prompt_keys]
-                self.prompt_values = [t.index_select(0, kept) for t in self.prompt_values]
-                self.prompt_mask = self.prompt_mask.index_select(0, kept)
+            heads = self.weights.num_kv_heads
+            kept = (alive[:, None] * heads + torch.arange(heads, device=alive.device)).flatten()
+            self.prompt_keys = [t.index_select(0, kept) for t in self.prompt_keys]
+            self.prompt_values = [t.index_select(0, kept) for t in self.prompt_values]
+            self.prompt_mask = self.prompt_mask.index_select(0, kept)
             self.prompt_of = torch.searchsorted(alive, self.prompt_of)
             self.num_prompts = alive.numel()
 
@@ -254,20 +257,19 @@ class LlamaStyleDecoder:
         """(rows, kv_heads, g, X) -> (prompts * kv_heads, k * g, X): a prompt's rows become the query rows of
         one matmul over its cache, as GQA's heads do. Missing (finished) rows are zeros."""
         rows, heads, g, width = t.shape
-        if not dense:
-            full = t.new_zeros((self.num_prompts * self.k, heads, g, width))
-            full[self.prompt_of * self.k + self.sample_of] = t
-            t = full
-        t = t.view(self.num_prompts, self.k, heads, g, width).transpose(1, 2)
-        return t.reshape(self.num_prompts * heads, self.k * g, width)
+        if dense:
+            t = t.view(self.num_prompts, self.k, heads, g, width).transpose(1, 2)
+            return t.reshape(self.num_prompts * heads, self.k * g, width)
+        full = t.new_zeros((self.num_prompts, heads, self.k, g, width))
+        full[self.prompt_of, :, self.sample_of] = t  # indices around a slice: rows index the leading dim
+        return full.view(self.num_prompts * heads, self.k * g, width)
 
     def _by_row(self, t: torch.Tensor, dense: bool) -> torch.Tensor:
         """The inverse of _by_prompt: (prompts * kv_heads, k * g, X) -> (rows * kv_heads, g, X)."""
         heads, width = t.shape[0] // self.num_prompts, t.shape[-1]
         g = t.shape[1] // self.k
-        t = t.view(self.num_prompts, heads, self.k, g, width).transpose(1, 2).reshape(-1, heads, g, width)
-        if not dense:
-            t = t[self.prompt_of * self.k + self.sample_of]
+        t = t.view(self.num_prompts, heads, self.k, g, width)
+        t = t.transpose(1, 2) if dense else t[self.prompt_of, :, self.sample_of]  # (rows, heads, g, X) either way
         return t.reshape(-1, g, width)
 
     # -- one decode step ----------------------------------------------------------------------------------
