@@ -321,11 +321,11 @@ def _history(replay, keys, config, step, seeds) -> list[list]:
     if replay is None:
         return [[] for _ in keys]
     replay.evict(step)
-    return [replay.sample(key, config.replay.num_historical, torch.Generator().manual_seed(_mix(seed)))
+    return [replay.sample(key, config.replay.num_historical, torch.Generator().manual_seed(_replay_seed(seed)))
             for key, seed in zip(keys, seeds)]
 
 
-def _mix(seed: int) -> int:
+def _replay_seed(seed: int) -> int:
     """A second seed from a generation seed (an LCG step), so the replay pick does not reuse a noise stream."""
     return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
 

@@ -20,8 +20,6 @@ tests, with prompts copied and shared.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -162,21 +160,23 @@ class LlamaStyleDecoder:
         self.max_len, self.cur = own + max_new_tokens, own  # self.cur: next slot to write
         self.capacity = min(own + self.chunk, self.max_len)
         shape = (prompts, k, kv_heads, self.capacity, w.head_dim)
+        stores = ((self.keys, self.prompt_keys), (self.values, self.prompt_values))
         for cache_layer in cache.layers[: len(w.layers)]:
-            for name, kv in (("keys", cache_layer.keys), ("values", cache_layer.values)):
+            for (own_store, shared_store), kv in zip(stores, (cache_layer.keys, cache_layer.values)):
                 kv = torch.where(real[:, None, :, None], kv, 0).to(dtype)  # HF may leave NaN in padded slots
                 own_cache = torch.zeros(shape, dtype=dtype, device=device)
                 if share:
-                    getattr(self, "prompt_" + name).append(kv.reshape(prompts * kv_heads, width, w.head_dim))
+                    shared_store.append(kv.reshape(prompts * kv_heads, width, w.head_dim))
                 else:
                     own_cache[:, :, :, :width] = kv[:, None]  # k-fold copy
-                getattr(self, name).append(own_cache.view(prompts * k, *shape[2:]))
+                own_store.append(own_cache.view(prompts * k, *shape[2:]))
         # Additive masks, per kv head so that they reshape to bmm's batch for free.
         mask = torch.full((prompts, self.capacity), float("-inf"), dtype=dtype, device=device)
         mask[:, :own].masked_fill_(real[:, :own], 0.0)
         self.mask = mask.repeat_interleave(k, 0)[:, None, None, :].repeat(1, kv_heads, 1, 1).contiguous()
         if share:
-            pad = torch.zeros((prompts, 1, width), dtype=dtype, device=device).masked_fill_(~real[:, None], -math.inf)
+            pad = torch.zeros((prompts, 1, width), dtype=dtype, device=device)
+            pad.masked_fill_(~real[:, None], float("-inf"))
             self.prompt_mask = pad.repeat_interleave(kv_heads, dim=0)  # (prompts * kv_heads, 1, width)
         self.k, self.num_prompts = k, prompts
         self.prompt_of = torch.arange(prompts, device=device).repeat_interleave(k)  # (N,) per row
