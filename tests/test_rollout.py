@@ -172,20 +172,30 @@ def test_fast_path_is_used_for_llama_style_models(tokenizer):
     ],
     ids=["t1", "t0.7", "topk5", "t0.7-topp0.8", "t1.3-topk8-topp0.9"],
 )
-def test_behavior_logps_equal_teacher_forcing_under_processed_distribution(params, tokenizer):
+def test_behavior_logps_equal_the_trainers_teacher_forced_logps(params, tokenizer):
+    """Sampled from the top-k / top-p distribution, but behavior_logps are the temperature-scaled policy's, the
+    very numbers the trainer's ``token_logps`` computes: one distribution for both sides of every ratio."""
+    from gvpo.modeling import build_sequences, token_logps
+
     model = tiny_model("qwen2", len(tokenizer), eos_bias=1.0)
     k = 3
+    truncated = params.top_k > 0 or params.top_p < 1.0
     for name, engine in engines(model, tokenizer).items():
         rollout = engine.generate(PROMPTS, k, params, torch.Generator().manual_seed(1))
         assert rollout.completion_ids.shape[0] == len(PROMPTS) * k
+        seq = build_sequences(PROMPTS, rollout.completion_ids, rollout.completion_mask, rollout.prompt_index,
+                              tokenizer.pad_token_id)
+        with torch.no_grad():
+            trained = token_logps(model, *seq, rollout.completion_ids.shape[1], params.temperature)
         for row, tokens in enumerate(completions(rollout)):
             logits = teacher_forced_logits(model, PROMPTS[row // k], tokens)
-            want = processed_logps(logits, params).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
-            if params.temperature == 1.0 and params.top_k == 0 and params.top_p == 1.0:  # plain model log-probs
-                raw = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
-                torch.testing.assert_close(want, raw)
-            assert torch.isfinite(want).all(), f"{name} sampled a token outside the top-k/top-p set"
+            sampled_from = processed_logps(logits, params).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+            assert torch.isfinite(sampled_from).all(), f"{name} sampled a token outside the top-k/top-p set"
+            want = torch.log_softmax(logits / params.temperature, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+            if truncated:  # the truncated distribution renormalises: its log-probs are larger
+                assert (sampled_from > want + 1e-4).any()
             torch.testing.assert_close(rollout.behavior_logps[row, : len(tokens)], want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(trained[row, : len(tokens)], want, atol=1e-5, rtol=0)
             assert (rollout.behavior_logps[row, len(tokens):] == 0).all()
             # Nothing after EOS, and EOS itself is in the mask.
             assert EOS not in tokens[:-1]
@@ -317,47 +327,6 @@ def test_vllm_engine_names_the_extra_when_vllm_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ImportError, match=r"gvpo\[vllm\]"):
         make_engine("vllm", tiny_model("qwen2", 48), None)
-
-
-def test_vllm_engine_with_a_stand_in_vllm(monkeypatch, tokenizer):
-    """The conversion from vLLM outputs to a Rollout and the weight sync, against a stand-in module
-    (vLLM itself needs a GPU): rows grouped by prompt, EOS kept, stop strings cut, weights loaded by name."""
-    from types import SimpleNamespace as NS
-
-    class FakeLLM:
-        def __init__(self, **settings):
-            self.settings, self.loaded, self.resets = settings, [], 0
-            runner = NS(model=NS(load_weights=lambda w: self.loaded.append(dict(w))))
-            self.llm_engine = NS(model_executor=NS(driver_worker=NS(model_runner=runner)))
-
-        def reset_prefix_cache(self):
-            self.resets += 1
-
-        def generate(self, prompts, sampling, use_tqdm):
-            self.sampling = sampling
-            requests = []
-            for p, prompt in enumerate(prompts):
-                samples = []
-                for i in reversed(range(sampling["n"])):  # out of order on purpose
-                    tokens = [p + 2, 5, EOS] if i % 2 else [p + 2, 4, 4, 4]
-                    samples.append(NS(index=i, token_ids=tokens, logprobs=[{t: NS(logprob=-0.1 * t)} for t in tokens]))
-                requests.append(NS(outputs=samples))
-            return requests
-
-    fake = types.ModuleType("vllm")
-    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: kw
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    model = tiny_model("qwen2", len(tokenizer))
-    engine = make_engine("vllm", model, tokenizer, model_path="unused")
-    assert engine.llm.settings["logprobs_mode"] == "processed_logprobs"
-    assert set(engine.llm.loaded[0]) == set(model.state_dict()) and engine.llm.resets == 1
-    stop = tokenizer.decode([4])
-    rollout = engine.generate([[5], [6, 7]], 2, SamplingParams(max_new_tokens=4, stop_strings=(stop,)),
-                              torch.Generator().manual_seed(0))
-    assert engine.llm.sampling["n"] == 2 and engine.llm.sampling["seed"] is not None
-    assert completions(rollout) == [[2, 4], [2, 5, EOS], [3, 4], [3, 5, EOS]]
-    torch.testing.assert_close(rollout.behavior_logps[1, :3], torch.tensor([-0.2, -0.5, -0.1]))
-    assert rollout.prompt_index.tolist() == [0, 0, 1, 1]
 
 
 def test_per_prompt_seeds_make_samples_batch_independent():

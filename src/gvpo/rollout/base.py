@@ -1,8 +1,12 @@
 """Helpers shared by the rollout engines: the sampling distribution, padding, stop strings, the Rollout record.
 
-Every engine samples from the distribution defined by ``processed_logps`` and reports the log-prob of the
-sampled token under that same distribution (``behavior_logps``), so importance weights computed downstream
-refer to what was actually sampled.
+Every engine samples from the distribution defined by ``processed_logps`` (temperature, top-k, top-p) and
+reports ``behavior_logps``: the sampled token's log-prob under the *temperature-scaled, untruncated* policy
+(``policy_logps``), the same distribution whose log-probs the trainer computes by teacher forcing
+(``modeling.token_logps``). Why not the truncated one: the loss differentiates log pi_theta over the whole
+vocabulary, so a ratio pi_theta / pi_behaviour (GRPO's clip, GVPO's ``old_policy=behaviour``) must compare two
+log-probs of one distribution; it is then exactly 1 on fresh samples, as in TRL, which also computes its
+old log-probs by teacher forcing without top-k / top-p. Truncation only decides which tokens get sampled.
 """
 
 from __future__ import annotations
@@ -40,11 +44,27 @@ def processed_logps(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return torch.log_softmax(logits, dim=-1)
 
 
+def policy_logps(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-probs of the policy behind ``behavior_logps``: the temperature-scaled softmax, no top-k / top-p.
+
+    logits (N, V) -> (N, V) float32. At temperature 0 the raw log-softmax (greedy has no distribution)."""
+    logits = logits.float()
+    if params.temperature not in (0.0, 1.0):
+        logits = logits / params.temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def is_truncated(params: SamplingParams) -> bool:
+    """Whether top-k / top-p make the sampled distribution differ from ``policy_logps``."""
+    return params.temperature > 0 and (params.top_k > 0 or params.top_p < 1.0)
+
+
 def sample_tokens(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
     uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row: (tokens (N,) long, behavior_logps (N,) float32).
+    """One token per row: (tokens (N,) long, behavior_logps (N,) float32), the token drawn from
+    ``processed_logps`` and its log-prob under ``policy_logps`` (see the module docstring for why).
 
     Sampling is by inverse CDF from one uniform per row: the given ``uniforms`` (N,) in [0, 1) (then a row's
     token depends only on its own noise, not on which other rows share the batch), else drawn from
@@ -62,6 +82,8 @@ def sample_tokens(
         # right=True: the first token whose cumulative mass exceeds u, so zero-probability tokens are never hit.
         target = (uniforms.to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
         tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logps.shape[-1] - 1)
+    if is_truncated(params):
+        logps = policy_logps(logits, params)
     return tokens, logps.gather(-1, tokens[:, None]).squeeze(-1)
 
 

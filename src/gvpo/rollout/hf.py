@@ -7,13 +7,13 @@ import time
 
 import torch
 
-from gvpo.rollout.base import build_rollout, left_pad, special_token_ids, validate_request
+from gvpo.rollout.base import build_rollout, left_pad, policy_logps, special_token_ids, validate_request
 from gvpo.types import Rollout, SamplingParams
 
 
 class HFEngine:
-    """Rollouts with ``model.generate``; behavior_logps come from its processed scores (``output_scores``),
-    i.e. the logits after the warpers that it sampled from.
+    """Rollouts with ``model.generate``; behavior_logps come from its raw logits (``output_logits``) under
+    ``policy_logps`` (temperature only, no top-k / top-p: see ``rollout.base``).
 
     Args:
         eos_token_ids: ids that end a completion; default: tokenizer's and generation config's EOS. Pass () to
@@ -45,7 +45,7 @@ class HFEngine:
             eos_token_id=list(self.eos_token_ids),  # [] (not None) disables EOS
             pad_token_id=self.pad_token_id,
             stop_strings=list(params.stop_strings) or None,
-            output_scores=True,
+            output_logits=True,
             return_dict_in_generate=True,
             **sampling,
         )
@@ -82,8 +82,9 @@ class HFEngine:
         finally:
             self.model.train(was_training)
         completion = out.sequences[:, input_ids.shape[1] :]  # (N, T)
-        scores = torch.stack(out.scores, dim=1).float()  # (N, T, V) processed logits
-        logps = torch.log_softmax(scores, dim=-1).gather(-1, completion[..., None]).squeeze(-1)
+        logits = torch.stack(out.logits, dim=1)  # (N, T, V) raw logits
+        logps = policy_logps(logits.flatten(0, 1), params).view(*logits.shape[:2], -1)
+        logps = logps.gather(-1, completion[..., None]).squeeze(-1)
         lengths = _lengths(completion, self.eos_token_ids)
         stats = {"engine": self.name, "num_tokens": int(lengths.sum()), "time_s": time.perf_counter() - start}
         return build_rollout(

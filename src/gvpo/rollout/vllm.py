@@ -2,11 +2,13 @@
 
 Colocated, in-process (one GPU shared with training), as TRL's colocate mode. Untested here (no GPU); the
 code follows vLLM's and TRL's documented APIs:
-- ``logprobs_mode="processed_logprobs"``: the returned log-probs are those of the distribution sampled from
-  (after temperature / top-k / top-p), which is what behavior_logps means.
+- ``logprobs_mode="processed_logprobs"``: log-probs after temperature (and after top-k / top-p when set).
+  behavior_logps are those of the temperature-scaled, untruncated policy (see ``rollout.base``): exactly
+  vLLM's without top-k / top-p; with them, they are recomputed by teacher forcing on the live model.
 - weights go through the model's own ``load_weights`` (it maps HF names to vLLM's fused layers), called
   in-process when the engine core lives in this process, else through ``LLM.apply_model`` (which pickles the
-  weights to the worker: correct but slow, vLLM recommends a data-plane for large models).
+  weights to the worker: correct but slow, vLLM recommends a data-plane for large models). A LoRA (peft)
+  policy is sent as merged base weights under the base model's names (``serving_weights``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-from gvpo.rollout.base import build_rollout, special_token_ids, validate_request
+from gvpo.rollout.base import build_rollout, is_truncated, special_token_ids, validate_request
 from gvpo.types import Rollout, SamplingParams
 
 
@@ -39,7 +41,7 @@ class VLLMEngine:
 
     def __init__(self, model, tokenizer, *, model_path: str | None = None, eos_token_ids=None, **llm_kwargs):
         vllm = _import_vllm()
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = model, tokenizer
         default_eos, self.pad_token_id = special_token_ids(model, tokenizer)
         self.eos_token_ids = tuple(default_eos if eos_token_ids is None else eos_token_ids)
         path = model_path or getattr(model, "name_or_path", None)
@@ -62,7 +64,7 @@ class VLLMEngine:
 
     def sync_weights(self, model) -> None:
         """Copy the live model's weights into vLLM and drop cached prefixes computed with the old weights."""
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        weights = serving_weights(model)
         runner_model = self._local_model()
         if runner_model is not None:
             runner_model.load_weights(weights)
@@ -121,7 +123,59 @@ class VLLMEngine:
                 [step[token].logprob for step, token in zip(sample.logprobs, tokens)], dtype=torch.float32
             )
             lengths[row] = len(tokens)
+        if is_truncated(params):  # vLLM's log-probs are of the truncated distribution: take the policy's
+            logps = _teacher_forced_logps(self.model, prompt_ids, num_generations, ids, lengths, params.temperature,
+                                          self.pad_token_id)
         stats = {"engine": self.name, "num_tokens": int(lengths.sum()), "time_s": time.perf_counter() - start}
         return build_rollout(
             ids, logps, lengths, num_generations, self.pad_token_id, self.tokenizer, params.stop_strings, stats
         )
+
+
+@torch.no_grad()
+def _teacher_forced_logps(model, prompt_ids, num_generations, ids, lengths, temperature, pad_token_id):
+    """(N, T) log-probs of the sampled tokens under the live model at ``temperature`` (no top-k / top-p)."""
+    from gvpo.modeling import build_sequences, token_logps
+
+    device = next(model.parameters()).device
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    prompt_index = torch.arange(len(prompt_ids)).repeat_interleave(num_generations)
+    seq = build_sequences(prompt_ids, ids.to(device), mask.to(device), prompt_index, pad_token_id)
+    return token_logps(model, *seq, ids.shape[1], temperature).float().cpu() * mask
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+@torch.no_grad()
+def serving_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs for a serving engine, under the base model's names.
+
+    A plain model: its state_dict. A peft LoRA model: every adapted weight merged, W + scaling * B @ A (peft's
+    own ``get_delta_weight``, which handles fan-in/fan-out and scaling), the adapter tensors left out, and
+    peft's ``base_layer`` / ``modules_to_save`` names mapped back, all without changing the training model
+    (``merge_and_unload`` would modify it in place)."""
+    model = getattr(model, "module", model)  # DDP / accelerate wrappers
+    if not _is_peft(model):
+        return [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    merged = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight.detach()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A or adapter in getattr(module, "lora_embedding_A", {}):
+                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            merged[f"{name}.weight"] = weight
+    out = []
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        for adapter in model.peft_config:
+            name = name.replace(f".modules_to_save.{adapter}.", ".")
+        out.append((name, merged.get(name, tensor.detach())))
+    return out
