@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench mutation clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/rollout.py --reps 3
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/math_grader.py
+
+# Plants known faults (pi_theta', micro-batching, bf16, checkpointing, resume state, ...) one at a time in a copy
+# and checks that the tests catch each: a table of caught / missed, non-zero exit on a miss.
+mutation: $(STAMP)
+	$(PY) scripts/mutation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

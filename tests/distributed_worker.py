@@ -10,14 +10,35 @@ def sevens(prompts, completions, **kwargs):
     return [c.count("7") / max(len(c), 1) for c in completions]
 
 
+class CrashAt:
+    """``sevens`` that raises on every rank at its n-th call (the same step everywhere: one call per step)."""
+
+    __name__ = "sevens"
+
+    def __init__(self, n):
+        self.calls, self.n = 0, n
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.calls += 1
+        if self.calls == self.n:
+            raise SystemExit(3)
+        return sevens(prompts, completions)
+
+
 if __name__ == "__main__":
     model_dir, out, steps, replay = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    # "crash": stop at the 3rd step (checkpoint at 2 kept); "resume": continue from it.
+    mode = sys.argv[5] if len(sys.argv) > 5 else ""
+    engine = sys.argv[6] if len(sys.argv) > 6 else "auto"
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 30) for b in range(10, 20)]
     if replay:  # few prompts, so that they recur and find their history (on whichever rank they land)
         rows = rows[:12]
     config = load_config(None, {
         "model_name_or_path": model_dir, "output_dir": out, "max_steps": steps, "prompts_per_step": 8,
         "num_generations": 4, "max_completion_length": 8, "learning_rate": 1e-2, "eval_steps": 0,
-        "save_steps": 0, "progress_bar": False, "seed": 0, "num_mini_batches": 2, "num_historical": replay,
+        "save_steps": 2 if mode else 0, "progress_bar": False, "seed": 0, "num_mini_batches": 2,
+        "num_historical": replay, "resume": mode == "resume", "engine": engine,
     })
-    train(config, reward_funcs=[sevens], train_rows=rows, eval_rows=rows[:8])
+    # Reward calls: the initial evaluation, then one per step.
+    reward = CrashAt(4) if mode == "crash" else sevens
+    train(config, reward_funcs=[reward], train_rows=rows, eval_rows=rows[:8])

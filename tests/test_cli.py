@@ -5,10 +5,12 @@ import json
 import pytest
 
 from gvpo.cli import main
+from gvpo.rewards.math import score_completions
 
 BENCHMARKS = ["math500", "aime24", "amc23", "minerva", "olympiadbench"]
 
 
+@pytest.mark.shared_data
 def test_eval_embedded_model_on_five_problems_of_each_benchmark(tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["eval", "--model", "default", "--benchmarks", ",".join(BENCHMARKS), "--limit", "5",
@@ -19,10 +21,15 @@ def test_eval_embedded_model_on_five_problems_of_each_benchmark(tmp_path, capsys
         assert column in table
     for name in BENCHMARKS:
         result = json.loads((out / f"{name}.json").read_text())
-        problems = result["problems"] if isinstance(result, dict) and "problems" in result else result
-        assert len(problems) == 5
-        # The tiny arithmetic model cannot do competition math: every score is a real 0/1, mostly 0.
+        problems = result["problems"]
+        assert len(problems) == 5 and result["n"] == 1
+        # The tiny arithmetic model cannot do competition math: every score is a real 0/1, mostly 0 ...
         assert all(p["scores"][0] in (0.0, 1.0) for p in problems)
+        assert result["score"] == pytest.approx(sum(p["scores"][0] for p in problems) / 5)
+        # ... and the same grader gives 1 to each gold answer written as the model should have: a 0 is a verdict.
+        golds = [p["answer"] for p in problems]
+        verdicts, _ = score_completions([f"The answer is \\boxed{{{g}}}." for g in golds], golds)
+        assert verdicts == [1.0] * 5, (name, golds, verdicts)
 
 
 def test_train_command_and_compare(tmp_path, tiny_model_dir, capsys):
@@ -49,6 +56,7 @@ def test_config_errors_exit_2_with_the_field(capsys):
     assert main(["nonsense"]) == 2
 
 
+@pytest.mark.shared_data
 def test_math_smoke_config_trains_on_the_shared_data(tmp_path):
     """MATH train prompts, math-verify reward + format reward, MATH500 held out: the pipeline end to end."""
     code = main(["train", "--config", "configs/math_cpu_smoke.yaml", f"output_dir={tmp_path}", "progress_bar=false"])
@@ -57,3 +65,13 @@ def test_math_smoke_config_trains_on_the_shared_data(tmp_path):
     trained = [r for r in rows if "loss" in r]
     assert len(trained) == 3 and all("rewards/math_accuracy" in r and "rewards/boxed_format" in r for r in trained)
     assert json.loads((tmp_path / "summary.json").read_text())["final_accuracy"] == 0.0
+    # That 0 is a verdict, not a broken reward: the configured reward scores the held-out gold answers 1.
+    from gvpo.config import load_config
+    from gvpo.data import load_benchmark
+    from gvpo.scoring import resolve_reward
+
+    config = load_config("configs/math_cpu_smoke.yaml")
+    reward = resolve_reward(config.algorithm.reward_funcs[0])
+    rows = load_benchmark(config.data.eval_dataset)[:5]
+    golds = [r["answer"] for r in rows]
+    assert reward([r["problem"] for r in rows], [f"so \\boxed{{{g}}}" for g in golds], answer=golds) == [1.0] * 5

@@ -134,8 +134,10 @@ def test_logged_loss_is_gvpo_loss_and_training_moves_params(tiny, tmp_path):
         for expected, returned in micro:
             assert returned == pytest.approx(expected / 2, rel=1e-5, abs=1e-6)  # divided by 2 accumulation steps
         assert {"gvpo/implicit_reward_mse", "gvpo/weight_abs_mean", "gvpo/frac_equal_reward_groups"} <= h.keys()
-        # on-policy single update: R_theta = 0, so the MSE is the mean squared centred reward (loss > 0 unless flat)
-        assert h["gvpo/implicit_reward_mse"] >= 0
+        # On-policy single update: R_theta = 0, so per group the MSE is the mean squared centred reward and the
+        # loss 1/(K - 1) * 1/2 * its sum: mse = loss * 2 (K - 1) / K. A pi_theta' other than the generating
+        # policy (R_theta != 0) breaks the identity.
+        assert h["gvpo/implicit_reward_mse"] == pytest.approx(h["loss"] * 2 * (K - 1) / K, rel=1e-4, abs=1e-7)
     assert any(h["loss"] > 0 for h in logged), "rewards had no spread in any group: the test checks nothing"
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert changed, "no parameter changed after 3 GVPO steps"

@@ -86,7 +86,12 @@ class RolloutConfig:
     # Prompts per training step; the step trains on prompts_per_step * num_generations completions.
     prompts_per_step: int = 32
     max_completion_length: int = 40
+    # Sampling temperature; training log-probs are taken at the same temperature (as TRL does).
     temperature: float = 1.0
+    # top_p / top_k only choose which tokens can be *sampled*. Behaviour log-probs (GRPO's ratio against a
+    # replayed or stale response, old_policy=behaviour) and training log-probs are both those of the
+    # temperature-scaled, untruncated policy: one distribution on both sides of every ratio, which is then
+    # exactly 1 on fresh samples (see gvpo.rollout.base).
     top_p: float = 1.0
     top_k: int = 0
     # Completions are cut after the first of these strings.

@@ -1,0 +1,161 @@
+"""Plant known faults one at a time in a copy of the package and check that the test suite catches each.
+
+    python scripts/mutation.py                 # every fault against the tests that guard it; table + exit code
+    python scripts/mutation.py --only ema      # the faults whose name contains "ema"
+    python scripts/mutation.py --full          # every fault against the whole suite (slow: ~1-2 min a fault)
+    python scripts/mutation.py --list          # names and where each fault goes
+
+A fault is a literal text replacement in one file of src/ (it must match exactly once, so a fault that no
+longer fits the code is reported as "stale" instead of silently testing nothing). Each runs in its own copy
+of src/ and tests/ under a temporary folder; the real checkout is never modified. "caught" means pytest
+reported failing tests; "missed" means the tests passed with the fault in place; "error" means pytest could
+not run them (import or collection error: not a catch). Exit 0 only when every fault is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULTS_T = "tests/test_faults.py"
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    why: str  # what breaks, in the terms of the algorithm
+    path: str  # under src/gvpo/
+    old: str
+    new: str
+    tests: tuple[str, ...]  # what guards it (pytest node ids or files)
+
+
+FAULTS = [
+    Fault("pi-theta-prime-is-current", "pi_theta' = the current policy detached at every update: R_theta = 0",
+          "update.py", 'reuse_detached = updates == 1 and old_policy.mode == "previous"', "reuse_detached = True",
+          (FAULTS_T,)),
+    Fault("micro-batch-normalised-alone-gvpo", "each micro-batch divides by its own group count",
+          "update.py", 'num_groups=max(totals_mb["groups"], 1) / world', "num_groups=max(micro.num_groups_used(), 1)",
+          (f"{FAULTS_T}::test_micro_batches_accumulate_the_whole_mini_batch_gradient",)),
+    Fault("micro-batch-normalised-alone-baselines", "GRPO / Dr. GRPO micro-batch losses not rescaled",
+          "update.py", 'return loss * len(micro) * world / max(totals_mb["sequences"], 1), m', "return loss, m",
+          (f"{FAULTS_T}::test_micro_batches_accumulate_the_whole_mini_batch_gradient",)),
+    Fault("bf16-ignored", "bf16=true trains in float32", "trainer.py",
+          'mixed_precision="bf16" if cfg_t.bf16 else "no"', 'mixed_precision="no"',
+          (f"{FAULTS_T}::test_bf16_autocast_is_active_when_asked_and_only_then",)),
+    Fault("checkpointing-ignored", "gradient_checkpointing=true stores every activation", "trainer.py",
+          "if config.model.gradient_checkpointing:", "if False:",
+          (f"{FAULTS_T}::test_activation_checkpointing_recomputes_the_forward",)),
+    Fault("ema-wrong-decay", "EMA moves by decay instead of 1 - decay", "old_policy.py",
+          "p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - self.ema_decay)",
+          "p_ema.lerp_(p.detach().to(p_ema.dtype), self.ema_decay)", (FAULTS_T,)),
+    Fault("ema-never-updated", "old_policy=ema stays the initial model", "old_policy.py",
+          'if self.mode != "ema":\n            return', "return", (FAULTS_T,)),
+    Fault("kl-reference-is-current", "GRPO's k3 KL is taken to the current policy, not the initial one",
+          "old_policy.py", 'if which == "old" and self.mode == "previous":', 'if self.mode == "previous":',
+          (f"{FAULTS_T}::test_grpo_kl_reference_is_the_frozen_initial_model",)),
+    Fault("max-time-ignored", "max_time_seconds never stops the run", "trainer.py",
+          " or 0 < config.training.max_time_seconds < elapsed", "",
+          (f"{FAULTS_T}::test_max_time_seconds_stops_the_run",)),
+    Fault("resume-forgets-replay", "the replay buffer restarts empty on resume", "trainer.py",
+          'run.replay.load_state_dict(state["replay"][accelerator.process_index])', "pass",
+          (f"{FAULTS_T}::test_resume_is_bit_exact",)),
+    Fault("resume-forgets-ema", "the EMA policy restarts from the resumed weights", "trainer.py",
+          'run.old_policy.load_state_dict(state.get("old_policy"))', "pass",
+          (f"{FAULTS_T}::test_resume_is_bit_exact",)),
+    Fault("resume-forgets-scheduler", "the learning-rate schedule restarts on resume", "trainer.py",
+          'run.scheduler.load_state_dict(state["scheduler"])', "pass",
+          (f"{FAULTS_T}::test_resume_is_bit_exact",)),
+    Fault("resume-forgets-generator", "the sampling generator restarts on resume", "trainer.py",
+          'ckpt.set_rng_state(state["rng"][accelerator.process_index], run.generator)', "pass",
+          (f"{FAULTS_T}::test_resume_is_bit_exact",)),
+    Fault("resume-rank-0-state-everywhere", "every rank resumes rank 0's RNG and replay state", "trainer.py",
+          'state["rng"][accelerator.process_index]', 'state["rng"][0]',
+          ("tests/test_distributed.py::test_two_processes_resume_every_ranks_state",)),
+    Fault("behaviour-logps-truncated", "behaviour log-probs of the top-k/top-p distribution, training's not",
+          "rollout/base.py", "    if is_truncated(params):\n        logps = policy_logps(logits, params)\n", "",
+          ("tests/test_rollout.py::test_behavior_logps_equal_the_trainers_teacher_forced_logps",)),
+    Fault("lora-unmerged-to-vllm", "vLLM receives peft's adapter tensors and base_layer names",
+          "rollout/vllm.py", "weights = serving_weights(model)",
+          "weights = [(n, t.detach()) for n, t in model.state_dict().items()]", ("tests/test_vllm_engine.py",)),
+    Fault("gvpo-no-bessel", "1/k instead of 1/(k - 1): a biased group estimate", "losses.py",
+          "1.0 / (counts.to(seq.dtype) - 1).clamp(min=1)", "1.0 / counts.to(seq.dtype)",
+          ("tests/test_losses.py",)),
+    Fault("gvpo-implicit-not-centred", "the implicit reward is not centred in its group", "losses.py",
+          "diff = group_center(implicit, index, counts) - r_centred", "diff = implicit - r_centred",
+          ("tests/test_losses.py",)),
+    Fault("grpo-no-std", "GRPO's advantages not divided by the group std", "losses.py",
+          "advantages = advantages / (_group_std(r, advantages, index, counts) + 1e-4)", "pass",
+          ("tests/test_losses.py",)),
+]
+
+
+def _run(fault: Fault, full: bool, timeout: float) -> dict:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{fault.name}-") as tmp:
+        tmp = Path(tmp)
+        shutil.copytree(ROOT / "src", tmp / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(ROOT / "tests", tmp / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "pyproject.toml", tmp / "pyproject.toml")  # pytest settings (markers, warnings)
+        target = tmp / "src" / "gvpo" / fault.path
+        text = target.read_text()
+        if text.count(fault.old) != 1:
+            return {"name": fault.name, "result": "stale", "seconds": 0.0,
+                    "detail": f"{fault.path}: the text to replace occurs {text.count(fault.old)} times (need 1)"}
+        target.write_text(text.replace(fault.old, fault.new))
+        env = {**os.environ, "PYTHONPATH": str(tmp / "src"), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        tests = ["tests"] if full else list(fault.tests)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore", *tests]
+        try:
+            done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+            code, tail = done.returncode, (done.stdout + done.stderr).strip().splitlines()[-1:]
+        except subprocess.TimeoutExpired:
+            code, tail = -1, [f"timed out after {timeout:.0f} s"]
+    result = {0: "missed", 1: "caught"}.get(code, "error")
+    return {"name": fault.name, "result": result, "seconds": round(time.perf_counter() - start, 1),
+            "detail": tail[0] if tail else ""}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="run the faults whose name contains this text")
+    parser.add_argument("--full", action="store_true", help="run the whole suite against each fault")
+    parser.add_argument("--jobs", type=int, default=2, help="faults checked at once (default 2)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per fault before it counts as error")
+    parser.add_argument("--json", default="", help="also write the results to this file")
+    parser.add_argument("--list", action="store_true", help="list the faults and exit")
+    args = parser.parse_args(argv)
+    faults = [f for f in FAULTS if args.only in f.name]
+    if args.list or not faults:
+        for f in FAULTS:
+            print(f"{f.name:42s} {f.path:18s} {f.why}")
+        return 0 if args.list else 2
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda f: _run(f, args.full, args.timeout), faults))
+    print(f"\n| fault | what it breaks | result | seconds |\n|---|---|---|---|")
+    for f, r in zip(faults, results):
+        print(f"| {f.name} | {f.why} | **{r['result']}** | {r['seconds']} |")
+    caught = sum(r["result"] == "caught" for r in results)
+    print(f"\n{caught} of {len(results)} faults caught in {time.perf_counter() - start:.0f} s"
+          f" ({'whole suite' if args.full else 'guarding tests'} per fault)")
+    for r in results:
+        if r["result"] != "caught":
+            print(f"  {r['name']}: {r['result']}: {r['detail']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
