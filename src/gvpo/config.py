@@ -127,8 +127,13 @@ class AlgorithmConfig:
     # Reward functions by name (gvpo.rewards registry) or "module:function"; summed with reward_weights.
     reward_funcs: tuple[str, ...] = ("arithmetic",)
     reward_weights: tuple[float, ...] = ()
+    # Seconds one reward function may take on one batch before the run stops with an error naming it (the last
+    # checkpoint stays intact); 0 = no limit.
+    reward_timeout: float = 600.0
 
     def __post_init__(self):
+        if self.reward_timeout < 0:
+            _fail("reward_timeout", self.reward_timeout, "seconds per reward call, >= 0 (0 = no limit)")
         if self.algorithm not in ("gvpo", "grpo", "dr_grpo"):
             _fail("algorithm", self.algorithm, "use gvpo, grpo or dr_grpo")
         if self.beta <= 0:

@@ -182,7 +182,50 @@ def validate_rows(rows: list[dict], required: tuple[str, ...] = ("prompt",)) -> 
             value = row[column]
             if column in ("prompt", "problem") and (not value or (isinstance(value, str) and not value.strip())):
                 raise ValueError(f"row {i}: column {column!r} is empty; remove the row or fix the data")
+    if "prompt" in required:
+        _check_prompt_kinds(rows)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversational datasets, as TRL has them: the prompt is a list of {"role", "content"} messages.
+
+
+def is_conversational(prompt) -> bool:
+    """TRL's test: a list whose first item is a dict with a "role"."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def _check_prompt_kinds(rows: list[dict]) -> None:
+    chat = is_conversational(rows[0]["prompt"])
+    for i, row in enumerate(rows):
+        prompt = row["prompt"]
+        if is_conversational(prompt) != chat:
+            kind = "chat messages" if chat else "plain text"
+            raise ValueError(f"row {i}: the prompt is {'plain text' if chat else 'chat messages'} but row 0's is "
+                             f"{kind}; one dataset holds one kind of prompt")
+        if not chat and not isinstance(prompt, str):
+            raise ValueError(f"row {i}: prompt of type {type(prompt).__name__}; give a string or a list of "
+                             f"{{'role': ..., 'content': ...}} messages")
+        for message in prompt if chat else ():
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"row {i}: chat message {message!r} needs the keys 'role' and 'content'")
+
+
+def chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
+    """Token ids of a conversational prompt: the tokenizer's chat template with the generation prompt, as TRL
+    builds the model input (the template holds its own special tokens, so none are added)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the prompts are chat messages, which need a tokenizer with a chat template, and this "
+                         "model's tokenizer has none: set tokenizer.chat_template (or save one with the model), "
+                         "or give plain-text prompts")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def as_completions(texts: list[str], conversational: bool) -> list:
+    """Completions as reward functions receive them: strings, or [{"role": "assistant", "content": text}]."""
+    return [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)
 
 
 def format_prompt(problem: str, tokenizer=None, template: str = "plain") -> str:
