@@ -366,7 +366,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     data = {}
     if path:
         text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e}); fix the file") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of sections (model:, rollout:, ...)")
     if isinstance(overrides, list):

@@ -48,8 +48,22 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    with _open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg}); one JSON object per line") from None
+    return rows
+
+
+def _open(path: Path):
+    try:
+        return open(path, encoding="utf-8")
+    except OSError as e:
+        raise OSError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _last_boxed(text: str) -> str | None:
@@ -137,7 +151,8 @@ def load_dataset_file(path_or_name: str | os.PathLike, split: str = "train") -> 
         if suffix == ".jsonl":
             return _read_jsonl(path)
         if suffix == ".json":
-            text = path.read_text(encoding="utf-8")
+            with _open(path) as f:
+                text = f.read()
             try:
                 data = json.loads(text)
             except json.JSONDecodeError:
@@ -153,9 +168,21 @@ def load_dataset_file(path_or_name: str | os.PathLike, split: str = "train") -> 
                 return list(_hf_datasets().load_dataset("parquet", data_files=str(path), split="train"))
             return pq.read_table(path).to_pylist()
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
-    if suffix in (".jsonl", ".json", ".parquet"):
-        raise FileNotFoundError(f"{path.resolve()} does not exist (path_or_name={str(path_or_name)!r})")
-    return list(_hf_datasets().load_dataset(str(path_or_name), split=split))
+    if suffix in (".jsonl", ".json", ".parquet") or (not path.exists() and not _hub_name(str(path_or_name))):
+        raise FileNotFoundError(f"{path.resolve()} does not exist (path_or_name={str(path_or_name)!r}); give a "
+                                f".jsonl, .json or .parquet file, or a Hugging Face dataset name")
+    datasets = _hf_datasets()
+    try:
+        return list(datasets.load_dataset(str(path_or_name), split=split))
+    except (OSError, ValueError) as e:  # not found, or the hub cannot be reached (datasets raises both kinds)
+        raise OSError(f"dataset {str(path_or_name)!r}: no such local file, and loading it as a Hugging Face dataset "
+                      f"failed ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                      f"give a .jsonl, .json or .parquet file") from None
+
+
+def _hub_name(name: str) -> bool:
+    """Could be a hub dataset id ("name" or "org/name"), as opposed to a path that can only be local."""
+    return not name.startswith(("/", ".", "~")) and name.count("/") <= 1 and "\\" not in name
 
 
 def _hf_datasets():

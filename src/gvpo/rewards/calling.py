@@ -213,11 +213,11 @@ def _gather(funcs, kwargs, timeout_s):
 
     async def one(i, func):
         try:
-            return await func(**_keywords_for(func, kwargs))
+            result = await func(**_keywords_for(func, kwargs))
         except Exception as e:
             raise RewardError(f"reward function {names[i]!r} raised {type(e).__name__}: {e}") from e
-        finally:
-            finished.add(i)
+        finished.add(i)
+        return result
 
     async def everything():
         return await asyncio.gather(*(one(i, f) for i, f in enumerate(funcs)))
@@ -226,9 +226,10 @@ def _gather(funcs, kwargs, timeout_s):
     try:
         return future.result(timeout_s or None)
     except concurrent.futures.TimeoutError:
+        late = [n for i, n in enumerate(names) if i not in finished]  # before cancel() wakes them up
         future.cancel()
         with _LOOP_LOCK:  # the loop may be blocked by a function that never yields: use a fresh one next time
             stale, _LOOP = _LOOP, None
         if stale is not None:
             stale.call_soon_threadsafe(stale.stop)
-        raise _timeout_error([n for i, n in enumerate(names) if i not in finished], timeout_s) from None
+        raise _timeout_error(late, timeout_s) from None
