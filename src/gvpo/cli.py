@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"gvpo: unknown command {argv[0]!r}", file=sys.stderr)
-        print("usage: gvpo {train,eval,compare} [...]; gvpo COMMAND --help for details")
+        print("usage: gvpo {train,eval,compare} [...] [--debug]; gvpo COMMAND --help for details")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return _run(argv[0], argv[1:], debug)
 
