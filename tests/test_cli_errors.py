@@ -40,12 +40,20 @@ def test_a_bad_json_line_and_a_row_without_the_prompt_column(tmp_path, capsys):
     assert "row 0: missing column 'prompt'" in err and "prompt_column='problem'" in err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_an_unreadable_data_file(tmp_path, capsys):
+def test_an_unreadable_data_file(tmp_path, capsys, monkeypatch):
+    import gvpo.data
+
     path = tmp_path / "secret.jsonl"
     path.write_text('{"prompt": "1+1="}\n')
     path.chmod(0)
-    assert "cannot read" in run_cli(capsys, ["train", f"dataset={path}", f"output_dir={tmp_path}", *SMALL])
+    if os.geteuid() == 0:  # root reads any file: refuse it the way the OS would for anyone else
+
+        def refuse(file, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(file))
+
+        monkeypatch.setattr(gvpo.data, "open", refuse, raising=False)
+    err = run_cli(capsys, ["train", f"dataset={path}", f"output_dir={tmp_path}", *SMALL])
+    assert f"cannot read {path}: Permission denied" in err
 
 
 def test_a_model_that_is_neither_local_nor_reachable(tmp_path, capsys, monkeypatch):

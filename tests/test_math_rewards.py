@@ -46,6 +46,11 @@ CASES = [
      1.0),
     (r"\boxed{\begin{pmatrix} 0.5 & 0 \\ 0 & 2 \end{pmatrix}}", r"\begin{pmatrix} \frac{1}{2} & 0 \\ 0 & 1 \end{pmatrix}",
      0.0),
+    # entry by entry, each entry normalised as a whole answer would be (notation math-verify alone misses)
+    (r"\boxed{\begin{pmatrix} 4.4e7 \\ 1 \end{pmatrix}}", r"\begin{pmatrix} 44000000 \\ 1 \end{pmatrix}", 1.0),
+    (r"\boxed{\begin{pmatrix} 1{,}000 \\ 2 \end{pmatrix}}", r"\begin{pmatrix} 1000 \\ 2 \end{pmatrix}", 1.0),
+    (r"\boxed{\begin{pmatrix} 5 \text{ cm} \\ 2 \end{pmatrix}}", r"\begin{pmatrix} 5 \\ 2 \end{pmatrix}", 1.0),
+    (r"\boxed{\begin{pmatrix} 4.5e7 \\ 1 \end{pmatrix}}", r"\begin{pmatrix} 44000000 \\ 1 \end{pmatrix}", 0.0),
     (r"\boxed{\begin{pmatrix} 2 \\ 1 \end{pmatrix}}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", 0.0),
     (r"\boxed{\begin{pmatrix} 1 & 2 \end{pmatrix}}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", 0.0),
     (r"\boxed{\begin{pmatrix} 1 \\ 2 \\ 3 \end{pmatrix}}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", 0.0),
