@@ -285,3 +285,22 @@ def encode_prompts(texts: list[str], tokenizer, template: str = "plain") -> list
     """Token ids of formatted prompts; chat templates already hold their special tokens, so none are added."""
     add_special = template == "plain"
     return [list(tokenizer.encode(text, add_special_tokens=add_special)) for text in texts]
+
+
+def encode_rows(rows: list[dict], tokenizer, template: str = "none") -> list[dict]:
+    """Add each row's ``prompt_ids``: chat messages through the tokenizer's chat template; text verbatim
+    (``template="none"``) or wrapped by ``format_prompt``."""
+    if not rows:
+        return rows
+    if is_conversational(rows[0]["prompt"]):
+        if template != "none":
+            raise ValueError(f"template={template!r} wraps a plain-text problem, but the prompts are chat messages "
+                             f"(they go through the tokenizer's chat template as they are): set template=none")
+        ids = [chat_prompt_ids(r["prompt"], tokenizer) for r in rows]
+    elif template == "none":  # the prompt column is the model's input, verbatim
+        ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
+    else:
+        ids = encode_prompts([format_prompt(r["prompt"], tokenizer, template) for r in rows], tokenizer, template)
+    for r, p in zip(rows, ids):
+        r["prompt_ids"] = p
+    return rows

@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 from gvpo.rewards.calling import RewardError, RewardTimeout, call_rewards, check_signature, reward_name
 
 RewardFunc = Callable[..., list]
-__all__ = ["RewardError", "RewardTimeout", "resolve_reward", "reward_name", "score", "check_signature",
-           "make_trainer_state", "BUILTIN_REWARDS"]
+__all__ = ["RewardError", "RewardTimeout", "resolve_reward", "reward_name", "score", "score_rollout", "check_rewards",
+           "check_signature", "make_trainer_state", "BUILTIN_REWARDS"]
 
 
 def _builtin(name: str) -> RewardFunc | None:
@@ -118,3 +118,28 @@ def score(funcs: Sequence[RewardFunc], weights: Sequence[float], prompts: list, 
         metrics[f"rewards/{name}"] = sum(scored) / len(scored) if scored else math.nan
     metrics.update({name: sum(values) / len(values) for name, values in logged.items()})
     return totals, metrics
+
+
+def reward_columns(row: dict) -> list[str]:
+    """The dataset columns a reward function receives (TRL passes all but the prompt; prompt_ids are ours)."""
+    return [k for k in row if k not in ("prompt", "prompt_ids")]
+
+
+def check_rewards(funcs: Sequence[RewardFunc], train_rows: list[dict], eval_rows: list[dict]) -> None:
+    """Refuse, before any model loads, a reward function that asks for a column the data lacks."""
+    for func in funcs:
+        check_signature(func, reward_columns(train_rows[0]), "dataset")
+    if eval_rows:  # held-out accuracy is the first reward function's
+        check_signature(funcs[0], reward_columns(eval_rows[0]), "eval_dataset")
+
+
+def score_rollout(funcs, weights, tokenizer, rollout, rows: list[dict], trainer_state=None, timeout_s: float = 0.0):
+    """:func:`score` for a rollout: completion i (decoded, as messages for chat prompts) came from ``rows[i]``."""
+    from gvpo.data import as_completions, is_conversational
+
+    ids = rollout.token_lists()
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    columns = {k: [r[k] for r in rows] for k in reward_columns(rows[0])}
+    completions = as_completions(texts, is_conversational(rows[0]["prompt"]))
+    return score(funcs, weights, [r["prompt"] for r in rows], completions, columns,
+                 completion_ids=[list(x) for x in ids], trainer_state=trainer_state, timeout_s=timeout_s)

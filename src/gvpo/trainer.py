@@ -22,12 +22,13 @@ import torch
 from gvpo import checkpoint as ckpt
 from gvpo.batch import make_batch
 from gvpo.config import Config, save_config
+from gvpo.data import encode_rows
 from gvpo.modeling import load_model_and_tokenizer
 from gvpo.old_policy import OldPolicy
 from gvpo.replay import ReplayBuffer, concat_rollouts, generate_groups, responses_to_rollout, rollout_responses
 from gvpo.rollout import make_engine
 from gvpo.sampler import PromptSampler
-from gvpo.scoring import check_signature, make_trainer_state, resolve_reward, score
+from gvpo.scoring import check_rewards, make_trainer_state, resolve_reward, score_rollout
 from gvpo.tracking import Tracker, plot_run
 from gvpo.types import SamplingParams
 from gvpo.update import update
@@ -141,11 +142,11 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
     # Data and rewards are checked before the (slow) model load, so that their errors come first.
     train_rows, eval_rows = _read_rows(config, train_rows, eval_rows)
     funcs = [resolve_reward(f) for f in (reward_funcs or cfg_a.reward_funcs)]
-    _check_rewards(funcs, train_rows, eval_rows)
+    check_rewards(funcs, train_rows, eval_rows)
     model, tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
                                                 config.model.trust_remote_code)
     model = _prepare_model(model, config)
-    train_rows, eval_rows = (_encode_rows(rows, tokenizer, config.data.template) for rows in (train_rows, eval_rows))
+    train_rows, eval_rows = (encode_rows(rows, tokenizer, config.data.template) for rows in (train_rows, eval_rows))
     for func in funcs:  # reward models (gvpo.rewards.model.RewardModel) go to the training device
         if hasattr(func, "to") and hasattr(func, "model"):
             func.to(accelerator.device)
@@ -191,9 +192,9 @@ def train_step(run: Run, step: int) -> dict:
     rollout = generate_groups(run.engine, prompt_ids, counts, run.sampling, run.generator, seeds)
     t_gen = time.perf_counter() - t0
     # 3. Score; unscorable responses (None) leave their group.
-    rewards, reward_metrics = _score(run.reward_funcs, run.reward_weights, tokenizer, rollout,
-                                     [rows[i] for i in rollout.prompt_index.tolist()], run.trainer_state(step - 1),
-                                     config.algorithm.reward_timeout)
+    rewards, reward_metrics = score_rollout(run.reward_funcs, run.reward_weights, tokenizer, rollout,
+                                            [rows[i] for i in rollout.prompt_index.tolist()],
+                                            run.trainer_state(step - 1), config.algorithm.reward_timeout)
     metrics = {**reward_metrics, **_batch_metrics(rewards, rollout)}
     replayed = None
     if run.replay is not None:
@@ -269,7 +270,7 @@ HELD_OUT_SEED = 0  # fixes which rows of a single dataset are held out, independ
 
 def _load_rows(config: Config, tokenizer, train_rows, eval_rows):
     train_rows, eval_rows = _read_rows(config, train_rows, eval_rows)
-    return [_encode_rows(rows, tokenizer, config.data.template) for rows in (train_rows, eval_rows)]
+    return [encode_rows(rows, tokenizer, config.data.template) for rows in (train_rows, eval_rows)]
 
 
 def _read_rows(config: Config, train_rows, eval_rows):
@@ -309,49 +310,6 @@ def _read_rows(config: Config, train_rows, eval_rows):
             raise ValueError(f"{name}: {e}") from None
         out.append(rows)
     return out
-
-
-def _encode_rows(rows: list[dict], tokenizer, template: str) -> list[dict]:
-    """Add each row's ``prompt_ids``: chat messages through the tokenizer's chat template, text as ``template``."""
-    from gvpo.data import chat_prompt_ids, encode_prompts, format_prompt, is_conversational
-
-    if not rows:
-        return rows
-    if is_conversational(rows[0]["prompt"]):
-        if template != "none":
-            raise ValueError(f"template={template!r} wraps a plain-text problem, but the prompts are chat messages "
-                             f"(they go through the tokenizer's chat template as they are): set template=none")
-        ids = [chat_prompt_ids(r["prompt"], tokenizer) for r in rows]
-    elif template == "none":  # the prompt column is the model's input, verbatim
-        ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
-    else:
-        ids = encode_prompts([format_prompt(r["prompt"], tokenizer, template) for r in rows], tokenizer, template)
-    for r, p in zip(rows, ids):
-        r["prompt_ids"] = p
-    return rows
-
-
-def _columns(row: dict) -> list[str]:
-    """The dataset columns a reward function receives (TRL passes all but the prompt)."""
-    return [k for k in row if k not in ("prompt", "prompt_ids")]
-
-
-def _check_rewards(funcs, train_rows, eval_rows) -> None:
-    for func in funcs:
-        check_signature(func, _columns(train_rows[0]), "dataset")
-    if eval_rows:  # held-out accuracy is the first reward function's
-        check_signature(funcs[0], _columns(eval_rows[0]), "eval_dataset")
-
-
-def _score(funcs, weights, tokenizer, rollout, rows, trainer_state, timeout_s):
-    """Score a rollout (row i of ``rows`` is completion i's dataset row) with TRL's keywords."""
-    from gvpo.data import as_completions, is_conversational
-
-    ids = rollout.token_lists()
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    columns = {k: [r[k] for r in rows] for k in _columns(rows[0])}
-    return score(funcs, weights, [r["prompt"] for r in rows], as_completions(texts, is_conversational(rows[0]["prompt"])),
-                 columns, completion_ids=[list(x) for x in ids], trainer_state=trainer_state, timeout_s=timeout_s)
 
 
 def _rows_from(source: str, d, split: str, limit: int, seed: int) -> list[dict]:
@@ -427,8 +385,9 @@ def _evaluate(engine, tokenizer, rows, reward_func, config: Config, accelerator,
     for start in range(0, len(mine), 256):
         chunk = mine[start:start + 256]
         rollout = engine.generate([r["prompt_ids"] for r in chunk], 1, params)
-        values, _ = _score([reward_func], [1.0], tokenizer, rollout, [chunk[i] for i in rollout.prompt_index.tolist()],
-                           trainer_state, config.algorithm.reward_timeout)
+        values, _ = score_rollout([reward_func], [1.0], tokenizer, rollout,
+                                  [chunk[i] for i in rollout.prompt_index.tolist()], trainer_state,
+                                  config.algorithm.reward_timeout)
         total += torch.tensor([sum(0.0 if math.isnan(v) else v for v in values), len(values)],
                               device=accelerator.device)
     if accelerator.num_processes > 1:
