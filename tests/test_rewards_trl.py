@@ -227,8 +227,26 @@ def test_a_reward_model_scores_prompt_plus_completion_as_trl(tmp_path, tiny_mode
     expected = [model(torch.tensor([tok.encode(p + c, add_special_tokens=False)])).logits[0, 0].item()
                 for p, c in zip(prompts, completions)]  # one at a time: no padding at all
     assert rm(prompts=prompts, completions=completions) == pytest.approx(expected, abs=1e-5)
+    loaded = resolve_reward(AutoModelForSequenceClassification.from_pretrained(reward_model_dir))  # as TRL accepts
+    assert loaded(prompts=prompts, completions=completions) == pytest.approx(expected, abs=1e-5)
+    assert loaded.__name__ == rm.__name__ == reward_model_dir.rstrip("/").split("/")[-1]
 
     summary = train(config_for(tmp_path, tiny_model_dir, max_steps=2, reward_funcs=[reward_model_dir]),
                     train_rows=ROWS, eval_rows=ROWS[:4])
     name = reward_model_dir.rstrip("/").split("/")[-1]
     assert summary["steps"] == 2 and all(f"rewards/{name}" in r for r in read(tmp_path / "run") if "loss" in r)
+
+
+def test_a_reward_model_scores_a_conversation_through_its_chat_template(reward_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from gvpo.rewards.model import RewardModel
+
+    rm = RewardModel.load(reward_model_dir)
+    rm.tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }}. {% endfor %}"
+    prompts = [[{"role": "user", "content": "1+2="}]] * 2
+    completions = [[{"role": "assistant", "content": "3"}], [{"role": "assistant", "content": "4"}]]
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
+    expected = [model(torch.tensor([rm.tokenizer.encode(f"user 1+2=. assistant {c}. ", add_special_tokens=False)]))
+                .logits[0, 0].item() for c in "34"]
+    assert rm(prompts=prompts, completions=completions) == pytest.approx(expected, abs=1e-5)

@@ -45,8 +45,13 @@ BUILTIN_REWARDS = ("arithmetic", "math_accuracy", "boxed_format")
 
 
 def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
-    """A callable as is, a built-in name, ``"package.module:function"``, or the path of a reward model
-    (``AutoModelForSequenceClassification``, one label), scored on prompt + completion as TRL does."""
+    """A callable as is, a built-in name, ``"package.module:function"``, or a reward model
+    (``AutoModelForSequenceClassification`` with one label: its folder, hub id or the loaded model), scored on
+    prompt + completion as TRL does."""
+    if hasattr(spec, "config") and hasattr(spec, "parameters"):  # a loaded reward model, as TRL accepts one
+        from gvpo.rewards.model import RewardModel
+
+        return RewardModel.from_model(spec)
     if callable(spec):
         return spec
     func = _builtin(spec)
@@ -61,7 +66,7 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     if Path(spec).expanduser().is_dir() or spec.count("/") == 1:  # a local folder or a hub id "org/name"
         from gvpo.rewards.model import RewardModel
 
-        return RewardModel(spec)
+        return RewardModel.load(spec)
     raise ValueError(
         f"reward_funcs: unknown reward {spec!r}; use one of {', '.join(BUILTIN_REWARDS)}, 'module:function', or "
         f"the folder of a reward model (AutoModelForSequenceClassification)"

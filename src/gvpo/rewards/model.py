@@ -15,31 +15,41 @@ import torch
 
 
 class RewardModel:
-    """``RewardModel(path)(prompts=..., completions=...) -> list[float]``; ``__name__`` is the folder's name."""
+    """``RewardModel.load(path)(prompts=..., completions=...) -> list[float]``; ``__name__`` is the model's name."""
 
-    def __init__(self, path: str, batch_size: int = 64, trust_remote_code: bool = False):
+    def __init__(self, model, tokenizer, name: str | None = None, batch_size: int = 64):
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        config = model.config
+        (config.get_text_config() if hasattr(config, "get_text_config") else config).pad_token_id = \
+            tokenizer.pad_token_id
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.__name__ = name or str(getattr(config, "_name_or_path", "") or type(model).__name__).rstrip("/").split("/")[-1]
+
+    @classmethod
+    def load(cls, path: str, trust_remote_code: bool = False) -> "RewardModel":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         local = Path(path).expanduser()
         source = str(local) if local.is_dir() else path
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=1, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
+                                                                       trust_remote_code=trust_remote_code)
         except OSError as e:
             where = "this folder" if local.is_dir() else "no such local folder, and the Hugging Face hub"
             raise ValueError(f"reward_funcs: cannot load reward model {path!r} ({where}: "
                              f"{str(e).splitlines()[0]}); pass the folder of an AutoModelForSequenceClassification "
                              f"checkpoint") from e
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"
-        config = self.model.config
-        (config.get_text_config() if hasattr(config, "get_text_config") else config).pad_token_id = \
-            self.tokenizer.pad_token_id
-        self.model.eval()
-        self.batch_size = batch_size
-        self.__name__ = Path(path.rstrip("/")).name
+        return cls(model, tokenizer, Path(path.rstrip("/")).name)
+
+    @classmethod
+    def from_model(cls, model) -> "RewardModel":
+        """A loaded sequence-classification model, with the tokenizer of its checkpoint (as TRL does)."""
+        from transformers import AutoTokenizer
+
+        return cls(model, AutoTokenizer.from_pretrained(model.config._name_or_path))
 
     def to(self, device) -> "RewardModel":
         self.model.to(device)
