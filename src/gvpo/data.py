@@ -55,7 +55,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg}); one JSON object per line") from None
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg}); write one JSON object "
+                                     f"per line") from None
     return rows
 
 

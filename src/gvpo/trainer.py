@@ -134,15 +134,15 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
         raise ValueError(f"prompts_per_step={cfg_r.prompts_per_step}: must be a multiple of the number of "
                          f"processes ({accelerator.num_processes}) so that every rank holds whole groups")
     set_seed(cfg_t.seed)
+    # Data and rewards are checked before anything is written or the (slow) model loads: their errors come first.
+    train_rows, eval_rows = _read_rows(config, train_rows, eval_rows)
+    funcs = [resolve_reward(f) for f in (reward_funcs or cfg_a.reward_funcs)]
+    check_rewards(funcs, train_rows, eval_rows)
     out = Path(config.logging.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         save_config(config, out / "config.yaml")
 
-    # Data and rewards are checked before the (slow) model load, so that their errors come first.
-    train_rows, eval_rows = _read_rows(config, train_rows, eval_rows)
-    funcs = [resolve_reward(f) for f in (reward_funcs or cfg_a.reward_funcs)]
-    check_rewards(funcs, train_rows, eval_rows)
     model, tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
                                                 config.model.trust_remote_code)
     model = _prepare_model(model, config)

@@ -125,8 +125,9 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
-_MATRIX_RE = re.compile(
-    r"(?:\(|\[)?\s*\\begin\{(?P<env>[pbB]?matrix|smallmatrix|array)\}(?:\{[^{}]*\})?(?P<body>.*)\\end\{(?P=env)\}\s*(?:\)|\])?",
+_MATRIX_RE = re.compile(  # optional brackets around one matrix environment (array's column spec skipped)
+    r"(?:\(|\[)?\s*\\begin\{(?P<env>[pbB]?matrix|smallmatrix|array)\}(?:\{[^{}]*\})?"
+    r"(?P<body>.*)\\end\{(?P=env)\}\s*(?:\)|\])?",
     re.DOTALL)
 
 

@@ -25,7 +25,8 @@ class RewardModel:
         (config.get_text_config() if hasattr(config, "get_text_config") else config).pad_token_id = \
             tokenizer.pad_token_id
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
-        self.__name__ = name or str(getattr(config, "_name_or_path", "") or type(model).__name__).rstrip("/").split("/")[-1]
+        source = str(getattr(config, "_name_or_path", "") or type(model).__name__)
+        self.__name__ = name or source.rstrip("/").split("/")[-1]
 
     @classmethod
     def load(cls, path: str, trust_remote_code: bool = False) -> "RewardModel":
