@@ -250,3 +250,22 @@ def test_a_reward_model_scores_a_conversation_through_its_chat_template(reward_m
     expected = [model(torch.tensor([rm.tokenizer.encode(f"user 1+2=. assistant {c}. ", add_special_tokens=False)]))
                 .logits[0, 0].item() for c in "34"]
     assert rm(prompts=prompts, completions=completions) == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_foreign_sigusr1_during_a_reward_reaches_its_own_handler():
+    import os
+    import signal
+
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+
+    def pinged(completions, **kwargs):  # e.g. a cluster's "about to be preempted" signal arrives mid-call
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.2)
+        return [1.0] * len(completions)
+
+    try:
+        assert call_rewards([pinged], {"prompts": ["a"], "completions": ["b"]}, timeout_s=30) == [[1.0]]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert received == [signal.SIGUSR1]

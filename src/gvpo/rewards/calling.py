@@ -11,7 +11,8 @@ gets only the keywords it names (TRL would raise); one that names a keyword nobo
 training with an error naming the function and the missing column (:func:`check_signature`).
 
 Time limit (``reward_timeout``): a synchronous function runs in the main thread (math-verify's signal-based
-limits keep working there), watched by a thread that interrupts it with SIGUSR1 when the time is up; elsewhere
+limits keep working there), watched by a thread that interrupts it with SIGUSR1 when the time is up (a SIGUSR1
+from elsewhere during the call goes to the handler that was installed before); elsewhere
 (not the main thread, no SIGUSR1) it runs in a helper thread that is abandoned at the deadline. Code that holds
 the GIL inside one C call (a catastrophic regex) cannot be interrupted in the main thread; nothing can short
 of killing the process.
@@ -141,8 +142,10 @@ def _in_main_thread(call, timeout_s, name, previous):
     main = threading.main_thread().ident
 
     def on_signal(signum, frame):
-        if not done.is_set():
+        if fired.is_set() and not done.is_set():
             raise _Expired
+        if callable(previous):  # not ours (e.g. a cluster's SIGUSR1 warning before preemption): pass it on
+            previous(signum, frame)
 
     def watchdog():
         if done.wait(timeout_s):
