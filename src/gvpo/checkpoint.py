@@ -2,6 +2,8 @@
 
 Layout: ``<output_dir>/checkpoints/step-000050/`` holds the model and tokenizer (safetensors, loadable with
 ``from_pretrained``) and ``trainer_state.pt`` (optimizer, scheduler, RNG states, data position, step).
+``trainer_state.pt`` holds only tensors and plain Python data and is read with ``torch.load(weights_only=True)``:
+opening a checkpoint folder never runs code from it (a crafted pickle is refused with an error).
 A checkpoint is written into a temporary folder and renamed into place, then the ``latest`` file is
 replaced atomically; readers only ever see complete checkpoints.
 """
@@ -9,6 +11,7 @@ replaced atomically; readers only ever see complete checkpoints.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -17,6 +20,13 @@ import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.pt"
+# 2: RNG states as tensors and plain data (no numpy objects), read with weights_only=True.
+# 1 (no "format" key): numpy's RNG state as an ndarray; still read, through a numpy-only allow-list.
+STATE_FORMAT = 2
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message says which file and what to do."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -35,7 +45,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def rng_state(generator: torch.Generator | None = None) -> dict:
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state_plain(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "generator": generator.get_state() if generator is not None else None,
@@ -44,7 +54,8 @@ def rng_state(generator: torch.Generator | None = None) -> dict:
 
 def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -70,7 +81,7 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict
             hf_logging.enable_progress_bar()
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    torch.save(trainer_state, tmp / STATE_FILE)
+    torch.save({**trainer_state, "format": STATE_FORMAT}, tmp / STATE_FILE)
     if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -100,9 +111,43 @@ def latest_checkpoint(output_dir) -> Path | None:
     return found[-1] if found else None
 
 
+def _numpy_state_plain(state: tuple) -> tuple:
+    """numpy's legacy RNG state with its key array as a tensor (int64 holds every uint32 exactly)."""
+    name, keys, pos, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+
+
+def _numpy_allow_list() -> list:
+    """What a predecessor (format 1) file needs besides plain data: numpy arrays and dtypes, nothing callable."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_trainer_state(path: Path) -> dict:
-    # Our own file, holding RNG tuples and optimizer state: not a weights-only pickle.
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    """The trainer state of a checkpoint, unpickled with ``weights_only=True`` (tensors and plain data only)."""
+    file = Path(path) / STATE_FILE
+    try:
+        if hasattr(torch.serialization, "safe_globals"):
+            with torch.serialization.safe_globals(_numpy_allow_list()):
+                state = torch.load(file, map_location="cpu", weights_only=True)
+        else:  # torch 2.4: only the process-wide allow-list exists
+            torch.serialization.add_safe_globals(_numpy_allow_list())
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).strip().splitlines()[-1][:300]
+        raise CheckpointError(
+            f"{file}: refusing to load it: it holds objects other than tensors and plain data ({detail}). gvpo "
+            f"never writes such a file; it was written by other code or altered. Resume from another checkpoint "
+            f"or delete this folder") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{file}: not a gvpo trainer state (no 'step'); resume from another checkpoint")
+    if state.get("format", 1) > STATE_FORMAT:
+        raise CheckpointError(f"{file}: written by a newer gvpo (format {state['format']}, this one reads up to "
+                              f"{STATE_FORMAT}); upgrade gvpo to resume from it")
+    return state
 
 
 def load_model_weights(model, path: Path) -> None:

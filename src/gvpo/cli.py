@@ -85,7 +85,11 @@ def cmd_eval(argv: list[str]) -> int:
     a = p.parse_args(argv)
     import torch
 
+    from gvpo.data import load_benchmark
     from gvpo.evaluation import evaluate, format_table
+
+    for name in (b for b in a.benchmarks.split(",") if b):  # names and data checked before the model loads
+        load_benchmark(name, data_dir=a.data_dir)
     from gvpo.modeling import load_model_and_tokenizer
     from gvpo.rollout import make_engine, resolve_engine
 
@@ -118,16 +122,42 @@ def cmd_compare(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}
+DEBUG_ENV = "GVPO_DEBUG"
+
+
+def _user_errors() -> tuple:
+    """Errors a user can fix from the message alone (bad value, missing file, unreachable hub, failing reward):
+    shown in one or two lines. Anything else is a bug and keeps its traceback."""
+    from gvpo.rewards.calling import RewardError
+
+    return ValueError, OSError, ImportError, RewardError
+
+
+def _run(command: str, argv: list[str], debug: bool) -> int:
+    try:
+        return COMMANDS[command](argv)
+    except KeyboardInterrupt:
+        print(f"gvpo {command}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        if debug:
+            raise
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        print(f"gvpo {command}: error: {lines[0]}", file=sys.stderr)
+        print(f"(the traceback: add --debug or set {DEBUG_ENV}=1)", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"gvpo: unknown command {argv[0]!r}", file=sys.stderr)
-        print("usage: gvpo {train,eval,compare} [...]; gvpo COMMAND --help for details")
+        print("usage: gvpo {train,eval,compare} [...] [--debug]; gvpo COMMAND --help for details")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+    return _run(argv[0], argv[1:], debug)
 
 
 if __name__ == "__main__":

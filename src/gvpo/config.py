@@ -132,8 +132,13 @@ class AlgorithmConfig:
     # Reward functions by name (gvpo.rewards registry) or "module:function"; summed with reward_weights.
     reward_funcs: tuple[str, ...] = ("arithmetic",)
     reward_weights: tuple[float, ...] = ()
+    # Seconds one reward function may take on one batch before the run stops with an error naming it (the last
+    # checkpoint stays intact); 0 = no limit.
+    reward_timeout: float = 600.0
 
     def __post_init__(self):
+        if self.reward_timeout < 0:
+            _fail("reward_timeout", self.reward_timeout, "seconds per reward call, >= 0 (0 = no limit)")
         if self.algorithm not in ("gvpo", "grpo", "dr_grpo"):
             _fail("algorithm", self.algorithm, "use gvpo, grpo or dr_grpo")
         if self.beta <= 0:
@@ -366,7 +371,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     data = {}
     if path:
         text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e}); fix the file") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of sections (model:, rollout:, ...)")
     if isinstance(overrides, list):

@@ -48,8 +48,23 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    with _open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg}); write one JSON object "
+                                     f"per line") from None
+    return rows
+
+
+def _open(path: Path):
+    try:
+        return open(path, encoding="utf-8")
+    except OSError as e:
+        raise OSError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _last_boxed(text: str) -> str | None:
@@ -137,7 +152,8 @@ def load_dataset_file(path_or_name: str | os.PathLike, split: str = "train") -> 
         if suffix == ".jsonl":
             return _read_jsonl(path)
         if suffix == ".json":
-            text = path.read_text(encoding="utf-8")
+            with _open(path) as f:
+                text = f.read()
             try:
                 data = json.loads(text)
             except json.JSONDecodeError:
@@ -153,9 +169,21 @@ def load_dataset_file(path_or_name: str | os.PathLike, split: str = "train") -> 
                 return list(_hf_datasets().load_dataset("parquet", data_files=str(path), split="train"))
             return pq.read_table(path).to_pylist()
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
-    if suffix in (".jsonl", ".json", ".parquet"):
-        raise FileNotFoundError(f"{path.resolve()} does not exist (path_or_name={str(path_or_name)!r})")
-    return list(_hf_datasets().load_dataset(str(path_or_name), split=split))
+    if suffix in (".jsonl", ".json", ".parquet") or (not path.exists() and not _hub_name(str(path_or_name))):
+        raise FileNotFoundError(f"{path.resolve()} does not exist (path_or_name={str(path_or_name)!r}); give a "
+                                f".jsonl, .json or .parquet file, or a Hugging Face dataset name")
+    datasets = _hf_datasets()
+    try:
+        return list(datasets.load_dataset(str(path_or_name), split=split))
+    except (OSError, ValueError) as e:  # not found, or the hub cannot be reached (datasets raises both kinds)
+        raise OSError(f"dataset {str(path_or_name)!r}: no such local file, and loading it as a Hugging Face dataset "
+                      f"failed ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                      f"give a .jsonl, .json or .parquet file") from None
+
+
+def _hub_name(name: str) -> bool:
+    """Could be a hub dataset id ("name" or "org/name"), as opposed to a path that can only be local."""
+    return not name.startswith(("/", ".", "~")) and name.count("/") <= 1 and "\\" not in name
 
 
 def _hf_datasets():
@@ -182,7 +210,50 @@ def validate_rows(rows: list[dict], required: tuple[str, ...] = ("prompt",)) -> 
             value = row[column]
             if column in ("prompt", "problem") and (not value or (isinstance(value, str) and not value.strip())):
                 raise ValueError(f"row {i}: column {column!r} is empty; remove the row or fix the data")
+    if "prompt" in required:
+        _check_prompt_kinds(rows)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversational datasets, as TRL has them: the prompt is a list of {"role", "content"} messages.
+
+
+def is_conversational(prompt) -> bool:
+    """TRL's test: a list whose first item is a dict with a "role"."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def _check_prompt_kinds(rows: list[dict]) -> None:
+    chat = is_conversational(rows[0]["prompt"])
+    for i, row in enumerate(rows):
+        prompt = row["prompt"]
+        if is_conversational(prompt) != chat:
+            kind = "chat messages" if chat else "plain text"
+            raise ValueError(f"row {i}: the prompt is {'plain text' if chat else 'chat messages'} but row 0's is "
+                             f"{kind}; one dataset holds one kind of prompt")
+        if not chat and not isinstance(prompt, str):
+            raise ValueError(f"row {i}: prompt of type {type(prompt).__name__}; give a string or a list of "
+                             f"{{'role': ..., 'content': ...}} messages")
+        for message in prompt if chat else ():
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"row {i}: chat message {message!r} needs the keys 'role' and 'content'")
+
+
+def chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
+    """Token ids of a conversational prompt: the tokenizer's chat template with the generation prompt, as TRL
+    builds the model input (the template holds its own special tokens, so none are added)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the prompts are chat messages, which need a tokenizer with a chat template, and this "
+                         "model's tokenizer has none: set tokenizer.chat_template (or save one with the model), "
+                         "or give plain-text prompts")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def as_completions(texts: list[str], conversational: bool) -> list:
+    """Completions as reward functions receive them: strings, or [{"role": "assistant", "content": text}]."""
+    return [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)
 
 
 def format_prompt(problem: str, tokenizer=None, template: str = "plain") -> str:
@@ -215,3 +286,22 @@ def encode_prompts(texts: list[str], tokenizer, template: str = "plain") -> list
     """Token ids of formatted prompts; chat templates already hold their special tokens, so none are added."""
     add_special = template == "plain"
     return [list(tokenizer.encode(text, add_special_tokens=add_special)) for text in texts]
+
+
+def encode_rows(rows: list[dict], tokenizer, template: str = "none") -> list[dict]:
+    """Add each row's ``prompt_ids``: chat messages through the tokenizer's chat template; text verbatim
+    (``template="none"``) or wrapped by ``format_prompt``."""
+    if not rows:
+        return rows
+    if is_conversational(rows[0]["prompt"]):
+        if template != "none":
+            raise ValueError(f"template={template!r} wraps a plain-text problem, but the prompts are chat messages "
+                             f"(they go through the tokenizer's chat template as they are): set template=none")
+        ids = [chat_prompt_ids(r["prompt"], tokenizer) for r in rows]
+    elif template == "none":  # the prompt column is the model's input, verbatim
+        ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
+    else:
+        ids = encode_prompts([format_prompt(r["prompt"], tokenizer, template) for r in rows], tokenizer, template)
+    for r, p in zip(rows, ids):
+        r["prompt_ids"] = p
+    return rows

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from pathlib import Path
+
 import torch
 
 
@@ -19,12 +23,47 @@ def load_model_and_tokenizer(name_or_path: str = "default", dtype: str = "float3
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(_checked_source(path), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if Path(path).expanduser().is_dir():
+            raise
+        raise OSError(
+            f"model_name_or_path={name_or_path!r}: no such local folder, and the Hugging Face hub could not provide "
+            f"it ({str(e).strip().splitlines()[0]}). Offline? A local folder (with config.json) works, e.g. one "
+            f"saved with save_pretrained; model_name_or_path=default is the embedded tiny model") from None
     if tokenizer.pad_token_id is None:  # decoder-only models often ship without one; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The keyword that hands ``model`` a KV cache: ``cache`` where the model's forward takes it (transformers 5.x,
+    where ``past_key_values`` is deprecated and goes in 5.40), else ``past_key_values`` (older versions)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs
+    name = "cache" if "cache" in _forward_parameters(type(base)) else "past_key_values"
+    return {name: cache}
+
+
+@functools.cache
+def _forward_parameters(cls) -> frozenset:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def _checked_source(path: str) -> str:
+    """A local folder as is; a path that can only be local (absolute, ./, ~, several /) must exist. Anything
+    else ("org/name") goes to the hub."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return str(local)
+    if local.exists():
+        raise FileNotFoundError(f"model_name_or_path={path!r} is a file; pass the folder that holds config.json")
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
+        raise FileNotFoundError(f"model_name_or_path={path!r}: no such folder; pass a folder with config.json "
+                                f"(saved with save_pretrained), a hub name, or default (the embedded tiny model)")
+    return path
 
 
 def build_sequences(prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor,

@@ -22,12 +22,13 @@ import torch
 from gvpo import checkpoint as ckpt
 from gvpo.batch import make_batch
 from gvpo.config import Config, save_config
+from gvpo.data import encode_rows
 from gvpo.modeling import load_model_and_tokenizer
 from gvpo.old_policy import OldPolicy
 from gvpo.replay import ReplayBuffer, concat_rollouts, generate_groups, responses_to_rollout, rollout_responses
 from gvpo.rollout import make_engine
 from gvpo.sampler import PromptSampler
-from gvpo.scoring import resolve_reward, score
+from gvpo.scoring import check_rewards, make_trainer_state, resolve_reward, score_rollout
 from gvpo.tracking import Tracker, plot_run
 from gvpo.types import SamplingParams
 from gvpo.update import update
@@ -56,9 +57,16 @@ class Run:
     eval_rows: list
     totals: dict = field(default_factory=lambda: {"skipped_updates": 0, "train_seconds": 0.0, "wall_seconds": 0.0})
 
-    def evaluate(self) -> float:
+    def evaluate(self, step: int = 0) -> float:
         return _evaluate(self.engine, self.tokenizer, self.eval_rows, self.reward_funcs[0], self.config,
-                         self.accelerator)
+                         self.accelerator, self.trainer_state(step))
+
+    def trainer_state(self, steps_done: int):
+        """TRL's ``trainer_state`` for reward functions: global_step and max_steps count optimizer updates."""
+        a = self.config.algorithm
+        updates = a.num_iterations * a.num_mini_batches
+        return make_trainer_state(steps_done * updates, self.config.training.max_steps * updates,
+                                  self.accelerator.is_main_process)
 
 
 def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval_rows=None) -> dict:
@@ -84,11 +92,11 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
         metrics = train_step(run, step)
         # Evaluate, log, checkpoint.
         if config.eval.eval_steps and step % config.eval.eval_steps == 0 and step < config.training.max_steps:
-            metrics["eval_accuracy"] = run.evaluate()
+            metrics["eval_accuracy"] = run.evaluate(step)
         elapsed = time.perf_counter() - clock
         last = step == config.training.max_steps or 0 < config.training.max_time_seconds < elapsed
         if last:
-            metrics["eval_accuracy"] = totals["final_accuracy"] = run.evaluate()
+            metrics["eval_accuracy"] = totals["final_accuracy"] = run.evaluate(step)
         if step % config.logging.logging_steps == 0 or last:
             _log(tracker, step, metrics)
         bar.update(1)
@@ -126,6 +134,10 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
         raise ValueError(f"prompts_per_step={cfg_r.prompts_per_step}: must be a multiple of the number of "
                          f"processes ({accelerator.num_processes}) so that every rank holds whole groups")
     set_seed(cfg_t.seed)
+    # Data and rewards are checked before anything is written or the (slow) model loads: their errors come first.
+    train_rows, eval_rows = _read_rows(config, train_rows, eval_rows)
+    funcs = [resolve_reward(f) for f in (reward_funcs or cfg_a.reward_funcs)]
+    check_rewards(funcs, train_rows, eval_rows)
     out = Path(config.logging.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -134,8 +146,10 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
     model, tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
                                                 config.model.trust_remote_code)
     model = _prepare_model(model, config)
-    train_rows, eval_rows = _load_rows(config, tokenizer, train_rows, eval_rows)
-    funcs = [resolve_reward(f) for f in (reward_funcs or cfg_a.reward_funcs)]
+    train_rows, eval_rows = (encode_rows(rows, tokenizer, config.data.template) for rows in (train_rows, eval_rows))
+    for func in funcs:  # reward models (gvpo.rewards.model.RewardModel) go to the training device
+        if hasattr(func, "to") and hasattr(func, "model"):
+            func.to(accelerator.device)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg_o.learning_rate, weight_decay=cfg_o.weight_decay,
         betas=(cfg_o.adam_beta1, cfg_o.adam_beta2), eps=cfg_o.adam_epsilon)
@@ -178,11 +192,9 @@ def train_step(run: Run, step: int) -> dict:
     rollout = generate_groups(run.engine, prompt_ids, counts, run.sampling, run.generator, seeds)
     t_gen = time.perf_counter() - t0
     # 3. Score; unscorable responses (None) leave their group.
-    completions = tokenizer.batch_decode(rollout.token_lists(), skip_special_tokens=True)
-    row_of = rollout.prompt_index.tolist()
-    columns = {k: [rows[i][k] for i in row_of] for k in rows[0] if k not in ("prompt", "prompt_ids")}
-    rewards, reward_metrics = score(run.reward_funcs, run.reward_weights, [rows[i]["prompt"] for i in row_of],
-                                    completions, columns)
+    rewards, reward_metrics = score_rollout(run.reward_funcs, run.reward_weights, tokenizer, rollout,
+                                            [rows[i] for i in rollout.prompt_index.tolist()],
+                                            run.trainer_state(step - 1), config.algorithm.reward_timeout)
     metrics = {**reward_metrics, **_batch_metrics(rewards, rollout)}
     replayed = None
     if run.replay is not None:
@@ -257,7 +269,13 @@ HELD_OUT_SEED = 0  # fixes which rows of a single dataset are held out, independ
 
 
 def _load_rows(config: Config, tokenizer, train_rows, eval_rows):
-    from gvpo.data import encode_prompts, format_prompt, validate_rows
+    train_rows, eval_rows = _read_rows(config, train_rows, eval_rows)
+    return [encode_rows(rows, tokenizer, config.data.template) for rows in (train_rows, eval_rows)]
+
+
+def _read_rows(config: Config, train_rows, eval_rows):
+    """The training and held-out rows, with canonical column names, validated (no tokenizer needed)."""
+    from gvpo.data import validate_rows
 
     d = config.data
     if train_rows is None and eval_rows is None and d.dataset and not d.eval_dataset:
@@ -290,13 +308,6 @@ def _load_rows(config: Config, tokenizer, train_rows, eval_rows):
             validate_rows(rows, required=("prompt",))
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-        if d.template == "none":  # the prompt column is the model's input, verbatim
-            ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
-        else:
-            ids = encode_prompts([format_prompt(r["prompt"], tokenizer, d.template) for r in rows], tokenizer,
-                                 d.template)
-        for r, p in zip(rows, ids):
-            r["prompt_ids"] = p
         out.append(rows)
     return out
 
@@ -363,7 +374,7 @@ def _batch_metrics(rewards: list[float], rollout) -> dict:
 
 
 @torch.no_grad()
-def _evaluate(engine, tokenizer, rows, reward_func, config: Config, accelerator) -> float:
+def _evaluate(engine, tokenizer, rows, reward_func, config: Config, accelerator, trainer_state=None) -> float:
     """Greedy held-out accuracy: the mean of the first reward function (an unscorable answer counts 0)."""
     if not rows:
         return math.nan
@@ -374,10 +385,11 @@ def _evaluate(engine, tokenizer, rows, reward_func, config: Config, accelerator)
     for start in range(0, len(mine), 256):
         chunk = mine[start:start + 256]
         rollout = engine.generate([r["prompt_ids"] for r in chunk], 1, params)
-        completions = tokenizer.batch_decode(rollout.token_lists(), skip_special_tokens=True)
-        columns = {k: [r[k] for r in chunk] for k in chunk[0] if k not in ("prompt", "prompt_ids")}
-        values = reward_func([r["prompt"] for r in chunk], completions, **columns)
-        total += torch.tensor([sum(v or 0.0 for v in values), len(values)], device=accelerator.device)
+        values, _ = score_rollout([reward_func], [1.0], tokenizer, rollout,
+                                  [chunk[i] for i in rollout.prompt_index.tolist()], trainer_state,
+                                  config.algorithm.reward_timeout)
+        total += torch.tensor([sum(0.0 if math.isnan(v) else v for v in values), len(values)],
+                              device=accelerator.device)
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1]).item()

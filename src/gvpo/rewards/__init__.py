@@ -1,4 +1,4 @@
-"""Reward callables, TRL-style: `f(prompts, completions, **columns) -> list[float | None]`.
+"""Reward callables, called as TRL calls them (keywords only): `f(prompts=, completions=, **columns)`.
 
 math-verify is imported only inside the grader's worker processes (install it with `pip install gvpo[math]`).
 """

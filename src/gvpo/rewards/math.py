@@ -106,7 +106,10 @@ def normalize_answer(answer: str) -> str:
     s = s.replace("\\$", "").replace("$", "")  # currency first: `\$18` is 18
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)
-    s = re.sub(r"\\[,!;: ]|~", " ", s)
+    # spacing commands (`\,` `\ ` ...) become spaces; a `\\` row break is kept whole (its second backslash
+    # followed by a space is not a spacing command)
+    s = re.sub(r"\\\\|\\[,!;: ]|~", lambda m: m.group() if m.group() == "\\\\" else " ", s)
+    s = _normalize_matrix(s)
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree", "", s)
     # A trailing unit after a number: `5\text{ cm}`, `6.5 \mathrm{~m}^2`. Text-only answers are kept.
     s = re.sub(r"(?<=[\d}])\s*\\(?:text|mathrm|mbox|textrm)\{[^{}]*\}(?:\^\{?\d\}?)?\s*$", "", s)
@@ -120,6 +123,48 @@ def normalize_answer(answer: str) -> str:
     if sci:
         s = f"{sci.group(1)}\\times 10^{{{int(sci.group(2))}}}"
     return s
+
+
+_MATRIX_RE = re.compile(  # optional brackets around one matrix environment (array's column spec skipped)
+    r"(?:\(|\[)?\s*\\begin\{(?P<env>[pbB]?matrix|smallmatrix|array)\}(?:\{[^{}]*\})?"
+    r"(?P<body>.*)\\end\{(?P=env)\}\s*(?:\)|\])?",
+    re.DOTALL)
+
+
+def _matrix(s: str):
+    m = _MATRIX_RE.fullmatch(s.strip())
+    return m if m and "\\begin{" not in m["body"] and "\\end{" not in m["body"] else None  # one matrix only
+
+
+def _normalize_matrix(s: str) -> str:
+    """One spelling per matrix: pmatrix for every bracket style, one `\\\\` per row break, none before the end."""
+    m = _matrix(s)
+    if not m:
+        return s
+    rows = [" & ".join(cell.strip() for cell in row.split("&")) for row in re.split(r"(?:\\\\\s*)+", m["body"])]
+    return "\\begin{pmatrix} " + " \\\\ ".join(r for r in rows if r.strip()) + " \\end{pmatrix}"
+
+
+def matrix_cells(s: str) -> list[list[str]] | None:
+    """The entries of a (normalised) matrix or vector, row by row; None if `s` is not one."""
+    m = _matrix(s)
+    if not m:
+        return None
+    rows = [r for r in re.split(r"(?:\\\\\s*)+", m["body"]) if r.strip()]
+    return [[normalize_answer(cell) for cell in row.split("&")] for row in rows]
+
+
+def comparison_parts(pred: str | None, gold: str) -> list[tuple[str | None, str]]:
+    """What must be equal: the whole answers, or for two matrices of one shape, each pair of entries (compared by
+    value: `\\sqrt{2}/2` equals `\\frac{\\sqrt{2}}{2}`). Matrices of different shapes: [] (they differ)."""
+    if pred is None:
+        return [(pred, gold)]
+    a, b = matrix_cells(pred), matrix_cells(gold)
+    if a is None or b is None:
+        return [(pred, gold)]
+    if [len(r) for r in a] != [len(r) for r in b]:
+        return []
+    return [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
 
 
 _NUMBER_RE = re.compile(
@@ -304,8 +349,9 @@ def score_completions(completions, golds, timeout_s: float | None = None):
     start = time.perf_counter()
     timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
     extracted = [extract_answer(_completion_text(c)) for c in completions]
-    scores: list[float | None] = [None] * len(completions)
-    todo: dict[tuple, list[int]] = {}  # (answer, gold) -> rows that need it
+    # Per row, one verdict per part that must be equal (the whole answer, or each entry of a matrix).
+    verdicts: list[list | None] = [None] * len(completions)
+    todo: dict[tuple, list[tuple[int, int]]] = {}  # (answer, gold) -> (row, part) that need it
     counts = dict.fromkeys(("fast_path", "cached", "no_answer"), 0)
     for i, (answer, gold) in enumerate(zip(extracted, golds)):
         gold_str = gold_to_str(gold)
@@ -313,23 +359,29 @@ def score_completions(completions, golds, timeout_s: float | None = None):
             continue  # cannot score: None
         pred = (normalize_answer(answer) or None) if answer is not None else None
         counts["no_answer"] += pred is None
-        verdict = quick_verdict(pred, gold_str) if pred else None
-        if verdict is not None:
-            scores[i] = verdict
-            counts["fast_path"] += 1
-        elif (cached := _cache_get((pred, gold_str))) is not _MISS:
-            scores[i] = cached
-            counts["cached"] += 1
-        else:
-            todo.setdefault((pred, gold_str), []).append(i)
+        whole = quick_verdict(pred, gold_str) if pred else None
+        parts = [] if whole is not None else comparison_parts(pred, gold_str)
+        verdicts[i] = [whole] if whole is not None else ([None] * len(parts) or [0.0])  # []: shapes differ
+        counts["fast_path"] += whole is not None
+        for j, (p, g) in enumerate(parts):
+            if (verdict := quick_verdict(p, g) if p else None) is not None:
+                verdicts[i][j] = verdict
+            elif (cached := _cache_get((p, g))) is not _MISS:
+                verdicts[i][j] = cached
+                counts["cached"] += 1
+            else:
+                todo.setdefault((p, g), []).append((i, j))
     pairs = list(todo)
     results = _pool().map(pairs, timeout_s) if pairs else []
     for pair, result in zip(pairs, results):
         failed = isinstance(result, str)  # TIMEOUT or ERROR: counted by the pool, scored 0.0
         if not failed:
             _cache_put(pair, result)
-        for i in todo[pair]:
-            scores[i] = 0.0 if failed else result
+        for i, j in todo[pair]:
+            verdicts[i][j] = 0.0 if failed else result
+    # All parts equal: 1.0; any part unequal: 0.0; a gold part math-verify cannot parse: None.
+    scores: list[float | None] = [
+        None if v is None or any(x is None for x in v) else float(all(x == 1.0 for x in v)) for v in verdicts]
     with _COUNTS_LOCK:
         for key, value in counts.items():
             _COUNTS[key] += value

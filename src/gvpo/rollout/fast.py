@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from gvpo.modeling import cache_kwargs
 from gvpo.rollout.base import (build_rollout, left_pad, row_uniforms, sample_tokens, special_token_ids,
                                validate_request)
 from gvpo.rollout.kv_decoder import LlamaStyleDecoder, unsupported_reason
@@ -45,7 +46,7 @@ class HFCacheBackend:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+            **cache_kwargs(self.model, self.cache), use_cache=True, logits_to_keep=1,
         )
         # The cache is filled once per prompt, then copied k-fold: prompt tokens are computed once.
         self.cache.batch_repeat_interleave(num_generations)
@@ -58,7 +59,7 @@ class HFCacheBackend:
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
         out = self.model(
             input_ids=tokens[:, None], attention_mask=self.attention_mask, position_ids=self.positions[:, None],
-            past_key_values=self.cache, use_cache=True,
+            **cache_kwargs(self.model, self.cache), use_cache=True,
         )
         self.positions = self.positions + 1
         return out.logits[:, -1]

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gvpo.modeling import cache_kwargs
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _STATEFUL_ROPE = ("dynamic", "longrope")  # their inv_freq depends on the sequence length seen so far
 
@@ -152,7 +154,7 @@ class LlamaStyleDecoder:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
+            **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1,
         )
         real = attention_mask.bool()
         share = width * (k - 1) >= SHARE_MIN_SAVED_SLOTS
