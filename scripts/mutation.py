@@ -4,6 +4,7 @@
     python scripts/mutation.py --only ema      # the faults whose name contains "ema"
     python scripts/mutation.py --full          # every fault against the whole suite (slow: ~1-2 min a fault)
     python scripts/mutation.py --list          # names and where each fault goes
+    python scripts/mutation.py --check         # only check that every fault still fits the code (seconds)
 
 A fault is a literal text replacement in one file of src/ (it must match exactly once, so a fault that no
 longer fits the code is reported as "stale" instead of silently testing nothing). Each runs in its own copy
@@ -134,7 +135,13 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per fault before it counts as error")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--list", action="store_true", help="list the faults and exit")
+    parser.add_argument("--check", action="store_true", help="only check that every fault's text fits the code")
     args = parser.parse_args(argv)
+    if args.check:
+        stale = [f"{f.name}: {f.path} holds the text {(ROOT / 'src' / 'gvpo' / f.path).read_text().count(f.old)} "
+                 f"times (need 1)" for f in FAULTS if (ROOT / "src" / "gvpo" / f.path).read_text().count(f.old) != 1]
+        print("\n".join(stale) or f"all {len(FAULTS)} faults fit the code")
+        return 1 if stale else 0
     faults = [f for f in FAULTS if args.only in f.name]
     if args.list or not faults:
         for f in FAULTS:
