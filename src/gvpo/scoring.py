@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from typing import Callable, Sequence
 
 RewardFunc = Callable[..., list]
@@ -47,12 +49,29 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     if ":" in spec:
         module, _, attr = spec.partition(":")
         try:
-            return getattr(importlib.import_module(module), attr)
+            return getattr(_import_from_cwd(module), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"reward_funcs: cannot import {spec!r} ({e}); check the module path and name") from e
     raise ValueError(
         f"reward_funcs: unknown reward {spec!r}; use one of {', '.join(BUILTIN_REWARDS)} or 'module:function'"
     )
+
+
+def _import_from_cwd(module: str):
+    """Import ``module`` as ``python -m`` would: the current directory first on the path.
+
+    The ``gvpo`` console script starts with its own bin folder on ``sys.path``, not the current directory, so
+    ``reward_funcs=my_rewards:exact`` next to the user's data would not import; the folder is put in front
+    only when the plain import does not find the module.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != module.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+    sys.path.insert(0, cwd)
+    return importlib.import_module(module)
 
 
 def reward_name(func: RewardFunc) -> str:

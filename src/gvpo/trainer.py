@@ -72,6 +72,8 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
     run = setup(config, reward_funcs, train_rows, eval_rows)
     accelerator, totals, out = run.accelerator, run.totals, Path(config.logging.output_dir)
     start_step = _resume(run) if config.checkpoint.resume else 0
+    if start_step >= config.training.max_steps:  # a finished run: _resume said how to extend it
+        return {**_summary(totals, start_step, config), "num_processes": accelerator.num_processes}
     tracker = Tracker(out, config.logging.report_to, config.to_dict(),
                       resume_step=start_step if start_step else None) if accelerator.is_main_process else None
     if not start_step:
@@ -127,8 +129,12 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
                          f"processes ({accelerator.num_processes}) so that every rank holds whole groups")
     set_seed(cfg_t.seed)
     out = Path(config.logging.output_dir)
+    # Every rank checks before any rank writes, so all of them stop together on a folder that holds a run.
+    earlier = ckpt.check_output_dir(out, config.checkpoint.resume, config.logging.overwrite_output_dir)
+    accelerator.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
+        ckpt.clear_run(out, earlier)
         save_config(config, out / "config.yaml")
 
     model, tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
@@ -218,8 +224,14 @@ def _resume(run: Run) -> int:
     if run.replay is not None:
         run.replay.load_state_dict(state["replay"][accelerator.process_index])
     run.totals.update(state["totals"])
-    accelerator.print(f"resumed from {path} at step {state['step']}")
-    return state["step"]
+    step, max_steps = state["step"], run.config.training.max_steps
+    if step >= max_steps:
+        accelerator.print(
+            f"resume: {path} is step {step} and max_steps={max_steps}, so this run is finished; nothing to train. "
+            f"To train further, resume with a higher max_steps (e.g. --resume max_steps={step + max(step, 1)})")
+    else:
+        accelerator.print(f"resume: continuing from {path} (step {step}) to max_steps={max_steps}")
+    return step
 
 
 # --------------------------------------------------------------------------------------------------
