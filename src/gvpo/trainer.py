@@ -72,8 +72,6 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
     run = setup(config, reward_funcs, train_rows, eval_rows)
     accelerator, totals, out = run.accelerator, run.totals, Path(config.logging.output_dir)
     start_step = _resume(run) if config.checkpoint.resume else 0
-    if start_step >= config.training.max_steps:  # a finished run: _resume said how to extend it
-        return {**_summary(totals, start_step, config), "num_processes": accelerator.num_processes}
     tracker = Tracker(out, config.logging.report_to, config.to_dict(),
                       resume_step=start_step if start_step else None) if accelerator.is_main_process else None
     if not start_step:
