@@ -132,7 +132,7 @@ def test_prompt_templates():
     assert chat == "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n"
 
     class Recorder:  # chat templates carry their own special tokens: encode must not add a BOS again
-        def encode(self, text, add_special_tokens=True, **kwargs):
+        def encode(self, text, add_special_tokens=True):
             return [len(text), int(add_special_tokens)]
 
     assert encode_prompts(["ab", "c"], Recorder(), "qwen_math") == [[2, 0], [1, 0]]

@@ -214,7 +214,10 @@ def format_prompt(problem: str, tokenizer=None, template: str = "plain") -> str:
 
 def encode_prompts(texts: list[str], tokenizer, template: str = "plain") -> list[list[int]]:
     """Token ids of formatted prompts; chat templates already hold their special tokens, so none are added."""
+    from transformers import PreTrainedTokenizerBase
+
     add_special = template == "plain"
-    # verbose=False: no "longer than the specified maximum ... indexing errors" warning per tokenizer; callers
-    # that care (gvpo eval) count the prompts over model_max_length and say what it means.
-    return [list(tokenizer.encode(text, add_special_tokens=add_special, verbose=False)) for text in texts]
+    # verbose=False (transformers tokenizers only): no "longer than the specified maximum ... indexing errors"
+    # warning; callers that care (gvpo eval) count the prompts over model_max_length and say what it means.
+    quiet = {"verbose": False} if isinstance(tokenizer, PreTrainedTokenizerBase) else {}
+    return [list(tokenizer.encode(text, add_special_tokens=add_special, **quiet)) for text in texts]
