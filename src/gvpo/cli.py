@@ -53,8 +53,7 @@ def _overrides(tokens: list[str]) -> list[str]:
 def cmd_train(argv: list[str]) -> int:
     from gvpo.config import load_config
 
-    p = _Parser(prog="gvpo train", description=TRAIN_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="gvpo train", description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     args, rest = p.parse_known_args(argv)
