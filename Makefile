@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gvpo train
+	$(VENV)/bin/gvpo train overwrite_output_dir=true  # a second `make demo` replaces runs/default
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -75,7 +75,9 @@ def _one(task: str, name: str, seed: int, overrides: dict) -> str:
     out = ROOT / task / name / f"s{seed}"
     if (out / "summary.json").exists():
         return f"skip {out}"
-    settings = {**base_overrides(name, overrides), "task": task, "seed": seed, "output_dir": str(out)}
+    # A folder without summary.json holds an unfinished run: start it again from scratch.
+    settings = {**base_overrides(name, overrides), "task": task, "seed": seed, "output_dir": str(out),
+                "overwrite_output_dir": True}
     cmd = [sys.executable, "-m", "gvpo.cli", "train", *[f"{k}={v}" for k, v in settings.items()]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.time()

@@ -89,9 +89,10 @@ def test_compare_a_missing_run(tmp_path, capsys):
 
 
 def test_a_failing_reward_is_one_line(tmp_path, capsys, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text("def broken(completions, **kw):\n    raise KeyError('score')\n")
+    (tmp_path / "broken_rewards.py").write_text("def broken(completions, **kw):\n    raise KeyError('score')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    err = run_cli(capsys, ["train", "reward_funcs=my_rewards:broken", f"output_dir={tmp_path / 'run'}", *SMALL])
+    monkeypatch.delitem(sys.modules, "broken_rewards", raising=False)  # another test may have cached one
+    err = run_cli(capsys, ["train", "reward_funcs=broken_rewards:broken", f"output_dir={tmp_path / 'run'}", *SMALL])
     assert "reward function 'broken' raised KeyError: 'score'" in err
 
 

@@ -128,7 +128,8 @@ def test_prompt_templates():
         "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n"
     )
     chat = format_prompt("What is 1+1?", tokenizer, template="chat")
-    assert chat.startswith("<|im_start|>user\nWhat is 1+1?\nPlease reason") and "system" not in chat
+    # chat wraps the user's prompt only: the math instruction belongs to qwen_math and plain.
+    assert chat == "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n"
 
     class Recorder:  # chat templates carry their own special tokens: encode must not add a BOS again
         def encode(self, text, add_special_tokens=True):

@@ -86,9 +86,22 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict
         shutil.rmtree(final)
     os.replace(tmp, final)
     _write_atomic(root / "latest", final.name)
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(output_dir, step, keep)
     return final
+
+
+def prune_checkpoints(output_dir, step: int, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints of the run that just saved ``step``: steps up to ``step``.
+
+    A checkpoint numbered above ``step`` cannot come from this run (its later steps do not exist yet): it is
+    left over from another timeline, and keeping it would let it outrank this run's newest checkpoint on the
+    next resume, so it goes too. The checkpoint just written is never removed, so ``latest`` stays valid.
+    """
+    found = list_checkpoints(output_dir)
+    ours = [p for p in found if _step_of(p) <= step]
+    stale = [p for p in found if _step_of(p) > step] + ours[:-keep]
+    for old in stale:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(output_dir) -> list[Path]:
@@ -97,7 +110,11 @@ def list_checkpoints(output_dir) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).exists()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(done, key=_step_of)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
 
 
 def latest_checkpoint(output_dir) -> Path | None:
@@ -172,3 +189,40 @@ def load_model_weights(model, path: Path) -> None:
     missing = [m for m in missing if not m.endswith("lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+# What a run writes into its output_dir (see the trainer and gvpo.tracking); a folder holding any of these
+# holds a run, and a new run there would mix its files with the old ones.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "training.png", "checkpoints", "tensorboard", "wandb")
+
+
+def previous_run(output_dir) -> list[str]:
+    """The files of an earlier run in ``output_dir`` (empty when the folder is free for a new run)."""
+    out = Path(output_dir)
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def check_output_dir(output_dir, resume: bool, overwrite: bool) -> list[str]:
+    """Refuse to start a fresh run on top of an earlier one; returns the files ``overwrite`` must clear.
+
+    Only our own run files are ever cleared, never the whole folder (output_dir may be a user's folder).
+    """
+    if resume:
+        return []
+    found = previous_run(output_dir)
+    if found and not overwrite:
+        raise ValueError(
+            f"output_dir={str(output_dir)!r} already holds a run ({', '.join(found)}); a new run there would mix "
+            f"with it. Choose another output_dir, continue it with --resume, or add overwrite_output_dir=true "
+            f"to delete that run first")
+    return found
+
+
+def clear_run(output_dir, names) -> None:
+    """Delete an earlier run's files (``names`` from :func:`check_output_dir`)."""
+    for name in names:
+        path = Path(output_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from gvpo.tracking import read_metrics
@@ -17,14 +18,23 @@ def load_run(run_dir) -> dict:
     return {"name": run_dir.name, "metrics": read_metrics(run_dir), "summary": summary}
 
 
-def compare_runs(run_dirs, output="compare.png", metric="eval_accuracy") -> str:
-    """Plot ``metric`` against step for each run into ``output`` and return a Markdown table of the runs."""
+def default_output(run_dirs) -> Path:
+    """``compare-<run names>.png`` next to the runs (in their common parent folder), not in the working directory."""
+    parents = [str(Path(d).resolve().parent) for d in run_dirs]
+    names = "-".join(Path(d).resolve().name for d in run_dirs)[:120]
+    return Path(os.path.commonpath(parents)) / f"compare-{names}.png"
+
+
+def compare_runs(run_dirs, output=None, metric="eval_accuracy") -> str:
+    """Plot ``metric`` against step for each run into ``output`` (default: :func:`default_output`) and return
+    a Markdown table of the runs, followed by the plot's path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [load_run(d) for d in run_dirs]
+    output = Path(output) if output is not None else default_output(run_dirs)
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
         points = [(r["step"], r[metric]) for r in run["metrics"] if r.get(metric) is not None]

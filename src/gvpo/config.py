@@ -63,7 +63,8 @@ class DataConfig:
     # Column holding the prompt text (a problem is wrapped by `template`) and the gold answer.
     prompt_column: str = "prompt"
     answer_column: str = "answer"
-    # How a problem becomes a prompt: "none" (use the column as is), "plain", "qwen_math" or "chat".
+    # How a problem becomes a prompt: "none" (the column as is), "chat" (the tokenizer's chat template around
+    # it, nothing added), "plain" or "qwen_math" (the math instruction; see gvpo.data.format_prompt).
     template: str = "none"
     # How many synthetic training / held-out problems to generate; for files, a cap (0 = all).
     num_train: int = 20000
@@ -225,6 +226,9 @@ class EvalConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     output_dir: str = "runs/default"
+    # A fresh (non-resume) run stops if output_dir already holds a run; true deletes that run's files
+    # (config, metrics, summary, plot, checkpoints) first. HF Trainer's name.
+    overwrite_output_dir: bool = False
     logging_steps: int = 1
     # Extra trackers: "tensorboard", "wandb" (installed separately).
     report_to: tuple[str, ...] = ()

@@ -41,8 +41,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     path = Path(data_dir).expanduser().resolve()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"benchmark data directory not found: looked in {path} (from {source}). Pass data_dir=/path/to/data "
-            f"or set {DATA_DIR_ENV}=/path/to/data (the folder holding math500/, aime24/, ...)"
+            f"benchmark data directory not found: looked in {path} (from {source}). Set {DATA_DIR_ENV}=/path/to/data "
+            f"(the folder holding math500/, aime24/, ...), or pass it as --data_dir (gvpo eval) or data_dir= (Python)"
         )
     return path
 
@@ -262,7 +262,8 @@ def format_prompt(problem: str, tokenizer=None, template: str = "plain") -> str:
     plain: "Question: ...\\n<instruction>\\nAnswer:" - no chat template needed (base models, tiny models).
     qwen_math: the tokenizer's chat template with Qwen2.5-Math's evaluation prompt (system message =
     the instruction, user message = the problem), as in the GVPO paper's setup.
-    chat: the tokenizer's chat template, one user message = problem + instruction.
+    chat: the tokenizer's chat template around one user message, the problem as is (no instruction added:
+    for a user's own prompts; the math instruction belongs to qwen_math and plain).
     A tokenizer without a chat template raises ValueError (no silent fallback: the prompts a model is
     trained and evaluated on must not change without notice); use template="plain" for such models.
     """
@@ -278,14 +279,19 @@ def format_prompt(problem: str, tokenizer=None, template: str = "plain") -> str:
     if template == "qwen_math":
         messages = [{"role": "system", "content": QWEN_MATH_INSTRUCTION}, {"role": "user", "content": problem}]
     else:
-        messages = [{"role": "user", "content": f"{problem}\n{QWEN_MATH_INSTRUCTION}"}]
+        messages = [{"role": "user", "content": problem}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def encode_prompts(texts: list[str], tokenizer, template: str = "plain") -> list[list[int]]:
     """Token ids of formatted prompts; chat templates already hold their special tokens, so none are added."""
+    from transformers import PreTrainedTokenizerBase
+
     add_special = template == "plain"
-    return [list(tokenizer.encode(text, add_special_tokens=add_special)) for text in texts]
+    # verbose=False (transformers tokenizers only): no "longer than the specified maximum ... indexing errors"
+    # warning; callers that care (gvpo eval) count the prompts over model_max_length and say what it means.
+    quiet = {"verbose": False} if isinstance(tokenizer, PreTrainedTokenizerBase) else {}
+    return [list(tokenizer.encode(text, add_special_tokens=add_special, **quiet)) for text in texts]
 
 
 def encode_rows(rows: list[dict], tokenizer, template: str = "none") -> list[dict]:

@@ -57,6 +57,11 @@ def evaluate_benchmark(
     start = time.perf_counter()
     rows = load_benchmark(name, data_dir=data_dir)[: limit if limit else None]
     prompts = encode_prompts([format_prompt(r["problem"], tokenizer, template) for r in rows], tokenizer, template)
+    # Prompts longer than the tokenizer's model_max_length (256 for the embedded model, far shorter than
+    # competition problems): counted and reported instead of the tokenizer's "indexing errors" warning.
+    # RoPE models still run on them; whether the model is any good that far is another matter.
+    max_length = getattr(tokenizer, "model_max_length", None)
+    too_long = sum(len(p) > max_length for p in prompts) if isinstance(max_length, int) and max_length < 10**9 else 0
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     generator = _generator(model, seed) if temperature > 0 else None
     completions: list[list[str]] = []
@@ -83,6 +88,8 @@ def evaluate_benchmark(
         "n": n,
         "num_problems": len(problems),
         "ungradable": sum(s is None for s in scores),  # gold answer could not be parsed: scored 0
+        "prompts_over_max_length": too_long,
+        "model_max_length": max_length,
         "seconds": time.perf_counter() - start,
         "problems": problems,
     }
@@ -140,8 +147,9 @@ def evaluate(
             summary[name] = {k: v for k, v in result.items() if k != "problems"}
             if progress is not None:
                 s = summary[name]
+                written = f"; wrote {s['file']}" if out is not None else ""
                 progress(f"{name}: {s['metric']} = {100 * s['score']:.2f} on {s['num_problems']} problems "
-                         f"({s['seconds']:.0f} s)")
+                         f"({s['seconds']:.0f} s){written}")
     finally:
         if was_training:
             model.train()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -60,7 +62,7 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     if ":" in spec:
         module, _, attr = spec.partition(":")
         try:
-            return getattr(importlib.import_module(module), attr)
+            return getattr(_import_from_cwd(module), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"reward_funcs: cannot import {spec!r} ({e}); check the module path and name") from e
     if Path(spec).expanduser().is_dir() or spec.count("/") == 1:  # a local folder or a hub id "org/name"
@@ -80,6 +82,21 @@ def make_trainer_state(global_step: int, max_steps: int, is_main_process: bool =
 
     return TrainerState(global_step=global_step, max_steps=max_steps, is_world_process_zero=is_main_process,
                         is_local_process_zero=is_main_process)
+def _import_from_cwd(module: str):
+    """Import ``module`` as ``python -m`` would: the current directory first on the path.
+
+    The ``gvpo`` console script starts with its own bin folder on ``sys.path``, not the current directory, so
+    ``reward_funcs=my_rewards:exact`` next to the user's data would not import; the folder is put in front
+    only when the plain import does not find the module.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != module.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+    sys.path.insert(0, cwd)
+    return importlib.import_module(module)
 
 
 def score(funcs: Sequence[RewardFunc], weights: Sequence[float], prompts: list, completions: list,

@@ -139,8 +139,12 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
     funcs = [resolve_reward(f) for f in (reward_funcs or cfg_a.reward_funcs)]
     check_rewards(funcs, train_rows, eval_rows)
     out = Path(config.logging.output_dir)
+    # Every rank checks before any rank writes, so all of them stop together on a folder that holds a run.
+    earlier = ckpt.check_output_dir(out, config.checkpoint.resume, config.logging.overwrite_output_dir)
+    accelerator.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
+        ckpt.clear_run(out, earlier)
         save_config(config, out / "config.yaml")
 
     model, tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
@@ -230,8 +234,14 @@ def _resume(run: Run) -> int:
     if run.replay is not None:
         run.replay.load_state_dict(state["replay"][accelerator.process_index])
     run.totals.update(state["totals"])
-    accelerator.print(f"resumed from {path} at step {state['step']}")
-    return state["step"]
+    step, max_steps = state["step"], run.config.training.max_steps
+    if step >= max_steps:
+        accelerator.print(
+            f"resume: {path} is step {step} and max_steps={max_steps}, so this run is finished; nothing to train. "
+            f"To train further, resume with a higher max_steps (e.g. --resume max_steps={step + max(step, 1)})")
+    else:
+        accelerator.print(f"resume: continuing from {path} (step {step}) to max_steps={max_steps}")
+    return step
 
 
 # --------------------------------------------------------------------------------------------------

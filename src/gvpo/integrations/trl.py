@@ -43,6 +43,7 @@ try:
 except ImportError as e:  # the core package never imports trl; only this module does
     raise ImportError("gvpo.integrations.trl needs TRL: pip install 'gvpo[trl]'") from e
 from packaging.version import Version
+from transformers.utils import is_torch_bf16_gpu_available
 
 from trl.extras.profiling import profiling_decorator
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
@@ -101,6 +102,10 @@ class GVPOConfig(GRPOConfig):
                 "GVPO needs all completions of a prompt in the same micro-batch: per_device_train_batch_size="
                 f"{self.per_device_train_batch_size} is not a multiple of num_generations={self.num_generations}; "
                 f"set it to a multiple, e.g. {fix}")
+        if self.bf16 is None and not self.fp16 and not self.use_cpu and not is_torch_bf16_gpu_available():
+            # TRL turns bf16 on by default, which stops a machine without a bf16 GPU ("Your setup doesn't
+            # support bf16/gpu"); there fp32 on the CPU is the only choice, so make it instead of failing.
+            self.bf16 = False
         super().__post_init__()
 
 
