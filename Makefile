@@ -31,5 +31,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/math_grader.py
 
+# On a GPU machine as it comes (torch, transformers, accelerate, peft): no venv, no install (README "GPU check").
+.PHONY: gpu-check
+gpu-check:
+	bash scripts/gpu_check.sh $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -162,6 +163,14 @@ def engine_bench(model_dir: Path, device: str, prompts: int, k: int, new_tokens:
             "fast_over_hf": rate["fast"] / rate["hf"], "fast_backend": backend}
 
 
+class TimeUp(Exception):
+    """The driver stopped this run (SIGTERM at the step's time limit)."""
+
+
+def _time_up(signum, frame):
+    raise TimeUp("stopped by the GPU check at the step's time limit")
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -184,6 +193,7 @@ def main(argv=None) -> int:
     from gvpo.config import load_config
     from gvpo.trainer import train
 
+    signal.signal(signal.SIGTERM, _time_up)  # the driver's time limit: report what was measured, then exit
     state = PartialState()  # the process group under accelerate launch; rank and device for everything below
     device = str(state.device) if torch.cuda.is_available() else "cpu"
     model_dir, result_path = Path(a.model_dir), Path(a.result)
