@@ -212,6 +212,7 @@ def main(argv=None) -> int:
     except Exception as e:  # report what was measured before the failure too
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()[-4000:]
+        print(result["traceback"], file=sys.stderr, flush=True)  # into the step's log
         status = 1
     if not state.is_main_process:
         return status
@@ -229,6 +230,7 @@ def main(argv=None) -> int:
         except Exception as e:
             result["error"] = f"engine bench: {type(e).__name__}: {e}"
             result["traceback"] = traceback.format_exc()[-4000:]
+            print(result["traceback"], file=sys.stderr, flush=True)
             status = 1
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=2, default=str))
