@@ -157,27 +157,18 @@ def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch
 
 
 def test_a_step_out_of_time_is_killed_with_its_children(tmp_path):
-    """As accelerate launch's workers must be: the whole process group goes."""
-    child = tmp_path / "child.pid"
-    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-            f"open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    """As accelerate launch's workers must be: the whole process group goes. The child appends to a file
+    every 0.1 s while it lives (its pid could be reused by then, its heartbeat cannot)."""
+    beat = tmp_path / "beat"
+    child = f"import time\nfor _ in range(600):\n    open({str(beat)!r}, 'a').write('.')\n    time.sleep(0.1)\n"
+    code = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"
     start = time.monotonic()
-    rc, timed_out = gpu_check.run([sys.executable, "-c", code], tmp_path / "log", timeout=3)
+    rc, timed_out = gpu_check.run([sys.executable, "-c", code], tmp_path / "log", timeout=5)
     assert timed_out and rc is not None and time.monotonic() - start < 30
-    pid = int(child.read_text())
-    for _ in range(50):  # the orphan is reaped by init shortly after it dies
-        if not _alive(pid):
-            break
-        time.sleep(0.1)
-    assert not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    assert beat.exists(), "the child never started: raise the timeout"
+    size = beat.stat().st_size
+    time.sleep(2)
+    assert beat.stat().st_size == size, "the child outlived the step"
 
 
 def test_without_cuda_the_full_check_refuses_and_points_to_quick(tmp_path, capsys):
