@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     device = str(state.device) if torch.cuda.is_available() else "cpu"
     model_dir, result_path = Path(a.model_dir), Path(a.result)
     result: dict = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"}
-    status = 0
+    status, config = 0, None
     try:
         if state.is_main_process:
             ensure_model(model_dir, a.shape, device)
@@ -219,21 +219,22 @@ def main(argv=None) -> int:
     from accelerate.state import AcceleratorState
 
     try:
-        dist = AcceleratorState().distributed_type
-        result["distributed_type"] = str(getattr(dist, "value", dist))
-    except Exception:  # noqa: BLE001 - only informative
-        pass
-    result.update(_measure(a, config if "config" in locals() else None, model_dir, device))
-    if a.engines and status == 0:
         try:
+            dist = AcceleratorState().distributed_type
+            result["distributed_type"] = str(getattr(dist, "value", dist))
+        except Exception:  # noqa: BLE001 - only informative
+            pass
+        result.update(_measure(a, config, model_dir, device))
+        if a.engines and status == 0:
             result.update(engine_bench(model_dir, device, *[int(x) for x in a.engines.split(",")]))
-        except Exception as e:
-            result["error"] = f"engine bench: {type(e).__name__}: {e}"
-            result["traceback"] = traceback.format_exc()[-4000:]
-            print(result["traceback"], file=sys.stderr, flush=True)
-            status = 1
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    result_path.write_text(json.dumps(result, indent=2, default=str))
+    except Exception as e:
+        result["error"] = f"after training: {type(e).__name__}: {e}"
+        result["traceback"] = traceback.format_exc()[-4000:]
+        print(result["traceback"], file=sys.stderr, flush=True)
+        status = 1
+    finally:  # whatever happened, the driver gets what was measured
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        result_path.write_text(json.dumps(result, indent=2, default=str))
     return status
 
 
