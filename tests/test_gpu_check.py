@@ -187,3 +187,24 @@ def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="matplotlib is not installed"):
         assert plot_run(tmp_path) is None
     assert not (tmp_path / "training.png").exists()
+
+
+def test_table_of_a_gpu_run_shows_the_figures():
+    """The GPU-only fields (MFU, peak memory), formatted as the real check prints them; a failed step keeps
+    its figures next to its error."""
+    step = {"name": "gvpo_fsdp", "status": "failed", "seconds": 80.2, "error": "RuntimeError: save failed",
+            "results": {"generation_tokens_per_s": 4321.0, "train_tokens_per_s": 98765.4, "mfu": 0.3123,
+                        "peak_gpu_memory_gb": 45.06, "steps_done": 8, "step_seconds_median": 2.345}}
+    bench = {"name": "gvpo_bf16", "status": "ok", "seconds": 100.0, "error": None,
+             "results": {"fast_tokens_per_s": 30000.0, "hf_tokens_per_s": 10000.0, "fast_over_hf": 3.0,
+                         "train_tokens_per_s": 1.0, "mfu": None, "steps_done": 20, "step_seconds_median": 1.0}}
+    line = gpu_check.headline(step)
+    for text in ("in-loop gen 4,321 tok/s", "train 98,765 tok/s", "MFU 31.2%", "peak 45.1 GiB", "8 steps, 2.35 s/step",
+                 "[RuntimeError: save failed]"):
+        assert text in line, (text, line)
+    assert "gen fast 30,000 / HF 10,000 tok/s (3.00x)" in gpu_check.headline(bench)
+    assert "MFU n/a" in gpu_check.headline(bench)
+    summary = {"mode": "gpu", "started": "2026-12-03T18:00:00+00:00", "wall_seconds": 400.0, "budget_seconds": 465,
+               "environment": {"device": "NVIDIA H200"}, "steps": [step, bench]}
+    table = gpu_check.table(summary)
+    assert "NVIDIA H200" in table and "| gvpo_fsdp | failed | 80 |" in table and "| gvpo_bf16 | ok | 100 |" in table
