@@ -204,6 +204,11 @@ def test_table_of_a_gpu_run_shows_the_figures():
         assert text in line, (text, line)
     assert "gen fast 30,000 / HF 10,000 tok/s (3.00x)" in gpu_check.headline(bench)
     assert "MFU n/a" in gpu_check.headline(bench)
+    late = {"name": "gvpo_lora_ckpt", "status": "timeout", "seconds": 80.0, "error": "stopped at the step's limit",
+            "results": {"device": "NVIDIA H200", "error": "TimeUp", "steps_done": 3, "train_tokens_per_s": 5.0}}
+    assert "train 5 tok/s" in gpu_check.headline(late) and "[stopped at the step's limit]" in gpu_check.headline(late)
+    late["results"] = {"device": "NVIDIA H200", "error": "TimeUp"}  # nothing measured: the error alone
+    assert gpu_check.headline(late) == "stopped at the step's limit"
     summary = {"mode": "gpu", "started": "2026-12-03T18:00:00+00:00", "wall_seconds": 400.0, "budget_seconds": 465,
                "environment": {"device": "NVIDIA H200"}, "steps": [step, bench]}
     table = gpu_check.table(summary)
