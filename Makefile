@@ -36,5 +36,10 @@ bench: $(STAMP)
 mutation: $(STAMP)
 	$(PY) scripts/mutation.py
 
+# On a GPU machine as it comes (torch, transformers, accelerate, peft): no venv, no install (README "GPU check").
+.PHONY: gpu-check
+gpu-check:
+	bash scripts/gpu_check.sh $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -40,6 +40,7 @@ SKIP = {
     "gvpo eval --model Qwen/Qwen2.5-Math-1.5B": "hub + GPU: downloads a 1.5B model",
     "gvpo eval --model runs/math": "GPU: avg@32 of a math run trained on GPUs",
     "gvpo train --config configs/math_qwen2.5_1.5b.yaml": "hub + GPU: the paper's training setup",
+    "bash scripts/gpu_check.sh": "GPU: the prepared GPU check (its --quick CPU mode runs in tests/test_gpu_check.py)",
 }
 
 

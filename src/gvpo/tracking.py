@@ -68,9 +68,15 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def plot_run(run_dir, path=None) -> Path:
-    """Reward mean per step and held-out accuracy over steps, one PNG."""
-    import matplotlib
+def plot_run(run_dir, path=None) -> Path | None:
+    """Reward mean per step and held-out accuracy over steps, one PNG; None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:  # a core dependency, yet bare GPU images often lack it: lose the plot, not the run
+        import warnings
+
+        warnings.warn("matplotlib is not installed: no training.png (pip install matplotlib)", stacklevel=2)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -110,7 +110,9 @@ def _seeded(generator: torch.Generator | None, device: torch.device):
     if generator is None:
         yield
         return
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    # On the generator's device: the trainer's generator is a CUDA one on a GPU, and torch.randint draws on
+    # the CPU unless told otherwise (a CUDA generator there raises).
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

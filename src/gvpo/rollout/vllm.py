@@ -95,7 +95,9 @@ class VLLMEngine:
     ) -> Rollout:
         validate_request(prompt_ids, num_generations, params, self.tokenizer)
         start = time.perf_counter()
-        seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        seed = None
+        if generator is not None:  # drawn on the generator's device: the trainer's is a CUDA one on a GPU
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
         if seeds is not None:  # vLLM seeds requests, not prompts; one seed per call keeps runs reproducible
             seed = int(seeds[0]) % (2**31 - 1)
         sampling = self._sampling_params_cls(
