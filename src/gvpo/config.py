@@ -91,6 +91,16 @@ class RolloutConfig:
     top_k: int = 0
     # Completions are cut after the first of these strings.
     stop_strings: tuple[str, ...] = ()
+    # Asynchronous mode (`pip install gvpo[ray]`): this many Ray actors generate and score whole groups while
+    # the learner trains (docs: README "Asynchronous training"). 0 = the synchronous in-process loop.
+    rollout_workers: int = 0
+    # eta: a group is trained on at most this many policy versions after the one that generated it, enforced
+    # by admission (a worker does not start a group that could not be consumed in time; nothing is dropped).
+    # 0 = synchronous semantics: rollout_workers=1 max_policy_lag=0 reproduces the rollout_workers=0 run.
+    max_policy_lag: int = 1
+    # Ray cluster for the workers: "" = start a local instance with this machine's cores; "auto" or
+    # "host:port" = join a running cluster (`ray start --head`), so workers may live on other machines.
+    ray_address: str = ""
 
     def __post_init__(self):
         if self.engine not in ("auto", "fast", "hf", "vllm"):
@@ -103,6 +113,10 @@ class RolloutConfig:
             _fail("max_completion_length", self.max_completion_length, "must be >= 1")
         if self.temperature <= 0:
             _fail("temperature", self.temperature, "training samples need temperature > 0 (1.0 samples the policy)")
+        if self.rollout_workers < 0:
+            _fail("rollout_workers", self.rollout_workers, "use 0 (synchronous) or the number of Ray rollout workers")
+        if self.max_policy_lag < 0:
+            _fail("max_policy_lag", self.max_policy_lag, "must be >= 0 (0 = synchronous semantics, default 1)")
 
 
 @dataclass(frozen=True)
@@ -257,6 +271,9 @@ class Config:
         if self.replay.num_historical >= self.rollout.num_generations:
             _fail("num_historical", self.replay.num_historical,
                   f"must be < num_generations ({self.rollout.num_generations}): each group needs a fresh response")
+        if self.replay.num_historical and self.rollout.rollout_workers:
+            _fail("num_historical", self.replay.num_historical,
+                  "replay is not supported with rollout_workers > 0 (workers pick no history); set one of them to 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
