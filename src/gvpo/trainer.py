@@ -22,6 +22,7 @@ import torch
 from gvpo import checkpoint as ckpt
 from gvpo.batch import make_batch
 from gvpo.config import Config, save_config
+from gvpo.lag import SimulatedLag
 from gvpo.modeling import load_model_and_tokenizer
 from gvpo.old_policy import OldPolicy
 from gvpo.replay import ReplayBuffer, concat_rollouts, generate_groups, responses_to_rollout, rollout_responses
@@ -48,6 +49,7 @@ class Run:
     old_policy: OldPolicy
     sampler: PromptSampler
     replay: ReplayBuffer | None
+    lag: SimulatedLag
     generator: torch.Generator
     sampling: SamplingParams
     reward_funcs: list
@@ -150,6 +152,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
         sampler=PromptSampler(len(train_rows), seed=cfg_t.seed),
         replay=ReplayBuffer(config.replay.max_staleness, capacity=cfg_r.num_generations)
         if config.replay.num_historical else None,
+        lag=SimulatedLag(cfg_t.simulated_policy_lag),
         generator=torch.Generator(device=accelerator.device).manual_seed(cfg_t.seed + 7919 * accelerator.process_index),
         sampling=SamplingParams(max_new_tokens=cfg_r.max_completion_length, temperature=cfg_r.temperature,
                                 top_p=cfg_r.top_p, top_k=cfg_r.top_k, stop_strings=cfg_r.stop_strings),
@@ -158,7 +161,23 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
 
 
 def train_step(run: Run, step: int) -> dict:
-    """One step: sample prompts, generate, score, update. Returns the step's metrics."""
+    """One step: sample prompts, generate, score, update. Returns the step's metrics.
+
+    The batch comes through ``run.lag`` (training.simulated_policy_lag): with lag 0 it is generated now,
+    otherwise it was generated ``lag`` steps ago (gvpo.lag)."""
+    t0 = time.perf_counter()
+    batch, metrics = run.lag.next_batch(lambda index: generate_batch(run, index), version=step - 1)
+    # 4. Updates: log-probs under pi_theta' once, then num_iterations passes of mini-batch updates.
+    metrics.update(update(run, batch))
+    seconds = time.perf_counter() - t0
+    run.totals["train_seconds"] += seconds
+    metrics.update(step_seconds=seconds, learning_rate=run.scheduler.get_last_lr()[0],
+                   skipped_updates=run.totals["skipped_updates"])
+    return metrics
+
+
+def generate_batch(run: Run, step: int):
+    """The ``step``-th batch: sample prompts, generate with the current policy, score. Returns (batch, metrics)."""
     config, accelerator, tokenizer = run.config, run.accelerator, run.tokenizer
     rank, world = accelerator.process_index, accelerator.num_processes
     t0 = time.perf_counter()
@@ -192,13 +211,8 @@ def train_step(run: Run, step: int) -> dict:
     # Group id = the prompt's position in the step's global batch (unique even if a prompt repeats).
     group_of = [rank + world * i for i in rollout.prompt_index.tolist()]
     batch = make_batch(prompt_ids, rollout, rewards, group_of, tokenizer.pad_token_id, replayed)
-    # 4. Updates: log-probs under pi_theta' once, then num_iterations passes of mini-batch updates.
-    metrics.update(update(run, batch))
-    seconds = time.perf_counter() - t0
-    run.totals["train_seconds"] += seconds
-    metrics.update(step_seconds=seconds, generation_seconds=t_gen, learning_rate=run.scheduler.get_last_lr()[0],
-                   skipped_updates=run.totals["skipped_updates"])
-    return metrics
+    metrics["generation_seconds"] = t_gen
+    return batch, metrics
 
 
 def _resume(run: Run) -> int:
@@ -218,6 +232,7 @@ def _resume(run: Run) -> int:
     if run.replay is not None:
         run.replay.load_state_dict(state["replay"][accelerator.process_index])
     run.totals.update(state["totals"])
+    run.lag = SimulatedLag(run.config.training.simulated_policy_lag, generated=state["step"])  # lag 0 (config)
     accelerator.print(f"resumed from {path} at step {state['step']}")
     return state["step"]
 
@@ -336,7 +351,7 @@ def _mix_history(replay, rollout, rewards, history, keys, step, pad_token_id, ac
     Every process stores every process's fresh responses, in the order of the prompts' global positions: a
     prompt lands on any rank when it recurs, and the buffers are the same as in a single process."""
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
-    fresh = rollout_responses(rollout, rewards, version=step)
+    fresh = rollout_responses(rollout, rewards, version=step - 1)
     stored = [(rank + world * p, row, keys[p], response)
               for row, (p, response) in enumerate(zip(rollout.prompt_index.tolist(), fresh))
               if not math.isnan(response.reward)]
