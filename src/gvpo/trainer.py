@@ -351,7 +351,7 @@ def _mix_history(replay, rollout, rewards, history, keys, step, pad_token_id, ac
     Every process stores every process's fresh responses, in the order of the prompts' global positions: a
     prompt lands on any rank when it recurs, and the buffers are the same as in a single process."""
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
-    fresh = rollout_responses(rollout, rewards, version=step - 1)
+    fresh = rollout_responses(rollout, rewards, version=step)
     stored = [(rank + world * p, row, keys[p], response)
               for row, (p, response) in enumerate(zip(rollout.prompt_index.tolist(), fresh))
               if not math.isnan(response.reward)]
