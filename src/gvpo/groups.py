@@ -32,6 +32,7 @@ class Groups:
     rewards: list[float]
     metrics: dict  # reward means (score's) and the source's own (generation time, lag, idle seconds, ...)
     history: list[list] = field(default_factory=list)  # replayed responses per prompt (local source only)
+    lags: list[int] | None = None  # per prompt: versions between its generating policy and the learner (async)
 
 
 def sampling_params(config) -> SamplingParams:
