@@ -19,5 +19,6 @@ if __name__ == "__main__":
         "model_name_or_path": model_dir, "output_dir": out, "max_steps": steps, "prompts_per_step": 8,
         "num_generations": 4, "max_completion_length": 8, "learning_rate": 1e-2, "eval_steps": 0,
         "save_steps": 0, "progress_bar": False, "seed": 0, "num_mini_batches": 2, "num_historical": replay,
+        **dict(arg.split("=", 1) for arg in sys.argv[5:]),  # e.g. rollout_workers=1 (tests/test_async.py)
     })
     train(config, reward_funcs=[sevens], train_rows=rows, eval_rows=rows[:8])

@@ -20,13 +20,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(nproc: int, model_dir: str, out: Path, steps: int = 3, replay: int = 0):
+def _launch(nproc: int, model_dir: str, out: Path, steps: int = 3, replay: int = 0, extra: list[str] = ()):
+    """``extra``: more key=value config overrides (the async tests)."""
     # The package under test first (a checkout's src/, not whatever copy is installed), then the worker's folder.
     src = Path(__file__).parents[1] / "src"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(src), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), model_dir, str(out), str(steps), str(replay)]
+           "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), model_dir, str(out), str(steps), str(replay), *extra]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["num_processes"] == nproc

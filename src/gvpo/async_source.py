@@ -39,11 +39,17 @@ from gvpo.rollout_worker import Result, RolloutWorker, Task
 from gvpo.types import Rollout
 
 MAX_RESTARTS = 4  # per worker; a worker that keeps dying (e.g. out of memory at load) stops the run
+RESTART_TIMEOUT_S = 300.0  # a worker that Ray has not brought back by then stops the run
 POLL_S = 0.02  # how long the scheduling thread waits on workers before it re-checks admission
 COUNTERS = ("groups_generated", "groups_trained", "groups_regenerated", "worker_restarts")
 
 
-def _import_ray():
+def _import_ray(address: str):
+    if address and "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ \
+            and (Path.home() / ".ray" / "auth_token").exists():
+        # Ray >= 2.60: a cluster started by `ray start` requires the token it saved in ~/.ray; a driver that
+        # joins it sends the token only when this is set before ray is imported (measured with Ray 2.60).
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
     except ImportError as e:
@@ -56,10 +62,6 @@ def connect(ray, address: str, num_workers: int) -> bool:
     connected (then :meth:`AsyncSource.close` disconnects), False when Ray was already initialised."""
     owns = not ray.is_initialized()
     if owns and address:
-        # Ray >= 2.60 clusters started with `ray start` require the token it saved; a driver that joins
-        # does not always pick it up by itself.
-        if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
-            os.environ["RAY_AUTH_MODE"] = "token"
         ray.init(address=address, log_to_driver=True)
     elif owns:
         # "local": a new instance even when `ray start` left an address behind in /tmp/ray.
@@ -92,7 +94,7 @@ class AsyncSource:
         self._thread = None
         if self.rank != 0:  # rank 0 alone talks to Ray; the other ranks receive their groups from it
             return
-        ray = self._ray = _import_ray()
+        ray = self._ray = _import_ray(cfg.rollout.ray_address)
         self._owns_ray = connect(ray, cfg.rollout.ray_address, cfg.rollout.rollout_workers)
         self._seed, self._last_step, self._pad = cfg.training.seed, cfg.training.max_steps, run.tokenizer.pad_token_id
         self._train_rows = run.train_rows
@@ -113,6 +115,7 @@ class AsyncSource:
         self.workers = [actor.remote(cfg, run.reward_funcs, run.reward_weights) for _ in range(cfg.rollout.rollout_workers)]
         now = time.perf_counter()
         self._idle_since, self._worker_idle, self._failures = [now] * len(self.workers), 0.0, [0] * len(self.workers)
+        self._down: dict[int, list[float]] = {}  # restarting worker -> [died at, next ping at]
         self._thread = threading.Thread(target=self._schedule, name="gvpo-rollout-scheduler", daemon=True)
         self._thread.start()
 
@@ -173,7 +176,7 @@ class AsyncSource:
                 raise self._error
             results = sorted(self._done.pop(step), key=lambda r: r.task.positions[0])
             self._consumed = step
-            in_flight = sum(len(t.positions) for _, t in self._inflight.values()) + \
+            in_flight = sum(len(t.positions) for _, t in self._inflight.values() if t is not None) + \
                 sum(len(t.positions) for t in self._queue) + \
                 sum(len(r.task.positions) for rs in self._done.values() for r in rs)
             now = time.perf_counter()
@@ -223,7 +226,7 @@ class AsyncSource:
 
     def _idle_workers(self) -> list[int]:
         busy = {w for w, _ in self._inflight.values()}
-        return [w for w in range(len(self.workers)) if w not in busy]
+        return [w for w in range(len(self.workers)) if w not in busy and w not in self._down]
 
     def _admit(self) -> Task | None:
         """The next task a worker may start now: a regeneration, else the next step's if admission allows."""
@@ -244,6 +247,12 @@ class AsyncSource:
 
     def _dispatch(self) -> None:
         now = time.perf_counter()
+        pinging = {w for w, task in self._inflight.values() if task is None}
+        for w, (died, next_ping) in self._down.items():  # is a restarting worker back? (calls fail until then)
+            if w not in pinging and now >= next_ping:
+                if now - died > RESTART_TIMEOUT_S:
+                    raise RuntimeError(f"rollout worker {w} did not come back {RESTART_TIMEOUT_S:.0f} s after it died")
+                self._inflight[self.workers[w].pid.remote()] = (w, None)
         for w in self._idle_workers():
             task = self._admit()
             if task is None:
@@ -256,22 +265,29 @@ class AsyncSource:
         ray = self._ray
         with self._cond:
             w, task = self._inflight.pop(ref)
-            self._idle_since[w] = time.perf_counter()
+            now = self._idle_since[w] = time.perf_counter()
         try:
             result = ray.get(ref)
         except ray.exceptions.RayActorError as e:  # the process died (killed, out of memory): Ray restarts it
-            self._failures[w] += 1
-            if self._failures[w] > MAX_RESTARTS:
-                raise RuntimeError(f"rollout worker {w} died {self._failures[w]} times; last: {e}") from e
             with self._cond:
+                if task is None:  # a ping: still restarting, ask again shortly
+                    self._down[w][1] = now + 0.5
+                    return
+                self._failures[w] += 1
+                if self._failures[w] > MAX_RESTARTS:
+                    raise RuntimeError(f"rollout worker {w} died {self._failures[w]} times; last: {e}") from e
                 self._queue.appendleft(task)  # the same prompts and seeds, generated again
+                self._down[w] = [now, now]
                 self.totals["groups_regenerated"] += len(task.positions)
                 self.totals["worker_restarts"] += 1
             return
         except ray.exceptions.RayTaskError as e:  # raised inside the worker, e.g. a reward function's RewardError
             cause = getattr(e, "cause", None)
-            raise cause if isinstance(cause, Exception) else e from None
+            raise (cause if isinstance(cause, Exception) else e) from None
         with self._cond:
+            if task is None:  # the restarted worker answers: it may take tasks again
+                del self._down[w]
+                return
             if task.step <= self._consumed:
                 raise RuntimeError(f"step {task.step} was already trained on; a group would be trained twice")
             self._done.setdefault(task.step, []).append(result)
