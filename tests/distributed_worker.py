@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun: a few training steps on the tiny model."""
+"""Run by tests/test_distributed.py and tests/test_async.py under torchrun: a few training steps on the tiny model."""
 
 import sys
 
@@ -10,8 +10,8 @@ def sevens(prompts, completions, **kwargs):
     return [c.count("7") / max(len(c), 1) for c in completions]
 
 
-if __name__ == "__main__":
-    model_dir, out, steps, replay = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+def run(model_dir: str, out: str, steps: int, replay: int, extra: list[str] = ()) -> dict:
+    """``extra``: more key=value overrides (e.g. rollout_workers=1)."""
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 30) for b in range(10, 20)]
     if replay:  # few prompts, so that they recur and find their history (on whichever rank they land)
         rows = rows[:12]
@@ -19,6 +19,10 @@ if __name__ == "__main__":
         "model_name_or_path": model_dir, "output_dir": out, "max_steps": steps, "prompts_per_step": 8,
         "num_generations": 4, "max_completion_length": 8, "learning_rate": 1e-2, "eval_steps": 0,
         "save_steps": 0, "progress_bar": False, "seed": 0, "num_mini_batches": 2, "num_historical": replay,
-        **dict(arg.split("=", 1) for arg in sys.argv[5:]),  # e.g. rollout_workers=1 (tests/test_async.py)
+        **dict(arg.split("=", 1) for arg in extra),
     })
-    train(config, reward_funcs=[sevens], train_rows=rows, eval_rows=rows[:8])
+    return train(config, reward_funcs=[sevens], train_rows=rows, eval_rows=rows[:8])
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])

@@ -142,9 +142,13 @@ def test_a_raising_reward_in_a_worker_stops_the_run_with_its_name(tmp_path, tiny
 
 
 def test_two_torchrun_learners_lag_zero_equal_one_synchronous_process(tmp_path, tiny_model_dir, ray_address):
+    """The learner as 2 gloo processes (rank 0 joins the cluster, whole groups per rank) against the synchronous
+    single-process run of tests/distributed_worker.py."""
+    from distributed_worker import run
     from test_distributed import _launch
 
-    sync = _launch(1, tiny_model_dir, tmp_path / "sync")
+    run(tiny_model_dir, str(tmp_path / "sync"), 3, 0)
+    sync = load_file(str(tmp_path / "sync" / "checkpoints" / "step-000003" / "model.safetensors"))
     both = _launch(2, tiny_model_dir, tmp_path / "two", extra=["rollout_workers=1", "max_policy_lag=0",
                                                                    f"ray_address={ray_address}"])
     log = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
