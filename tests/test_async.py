@@ -141,6 +141,38 @@ def test_a_raising_reward_in_a_worker_stops_the_run_with_its_name(tmp_path, tiny
                ray_address=ray_address)
 
 
+class FailAtThirdCall:
+    """``sevens``, except that its third call in a rollout worker raises, once per marker file (step 3 of a
+    one-worker, lag-0 run): a learner crash after the step-2 checkpoint."""
+
+    __name__ = "fail_at_third_call"
+
+    def __init__(self, marker):
+        self.marker, self.learner, self.calls = str(marker), os.getpid(), 0
+
+    def __call__(self, prompts, completions, **kwargs):
+        if os.getpid() != self.learner:
+            self.calls += 1
+            if self.calls == 3 and not os.path.exists(self.marker):
+                Path(self.marker).write_text("crashed")
+                raise RuntimeError("learner crash drill")
+        return sevens(prompts, completions)
+
+
+def test_a_crashed_async_run_resumes_from_its_checkpoint_as_the_synchronous_run(tmp_path, tiny_model_dir, ray_address):
+    """Crash at step 3, resume from the step-2 checkpoint with fresh workers: the synchronous run's weights."""
+    _, _, w_sync = _train(tmp_path, tiny_model_dir, "sync")
+    crash = FailAtThirdCall(tmp_path / "crashed")
+    options = dict(reward_funcs=(crash,), rollout_workers=1, max_policy_lag=0, ray_address=ray_address,
+                   save_steps=2)
+    with pytest.raises(RewardError, match="learner crash drill"):
+        _train(tmp_path, tiny_model_dir, "async", **options)
+    assert not (tmp_path / "async" / "checkpoints" / f"step-{STEPS:06d}").exists()
+    summary, steps, w_resumed = _train(tmp_path, tiny_model_dir, "async", resume=True, **options)
+    assert [r["step"] for r in steps][-2:] == [3, 4] and summary["steps"] == STEPS
+    _assert_same_weights(w_sync, w_resumed)
+
+
 def test_two_torchrun_learners_lag_zero_equal_one_synchronous_process(tmp_path, tiny_model_dir, ray_address):
     """The learner as 2 gloo processes (rank 0 joins the cluster, whole groups per rank) against the synchronous
     single-process run of tests/distributed_worker.py."""
