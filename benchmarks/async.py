@@ -6,7 +6,7 @@ Workloads:
 - gen-heavy: a ~25M-parameter random Qwen2 (hidden 512, 6 layers; the default tokenizer), 8 prompts x k = 4,
   128-token completions (a random model rarely samples EOS): generation is a large share of the step.
 
-For each: `--steps` steps synchronous (rollout_workers=0, torch's default threads) and asynchronous
+For each: `--steps` steps synchronous (rollout_workers=0, `--sync-threads`, default all cores) and asynchronous
 (rollout_workers=1, max_policy_lag=1; the worker uses 1 thread, the learner `--learner-threads`, default the
 remaining cores), alternating `--reps` times. The first step of every run is left out (worker start-up, warm-up).
 
@@ -19,6 +19,7 @@ phases run about half as fast on one core, so the bound is optimistic there.
 
     PYTHONPATH=src .venv/bin/python benchmarks/async.py                     # both workloads
     PYTHONPATH=src .venv/bin/python benchmarks/async.py --workloads gen-heavy --steps 6
+    PYTHONPATH=src .venv/bin/python benchmarks/async.py --sync-threads 1   # busy machine: equal threads
 
 The last line is JSON with the speedups.
 """
@@ -62,7 +63,7 @@ def workload(name: str, tmp: Path) -> tuple[dict, str]:
             f"random Qwen2 {params / 1e6:.0f}M, 8 prompts x 4, 128 tokens")
 
 
-def run_once(tmp: Path, tag: str, overrides: dict, steps: int, workers: int, learner_threads: int) -> dict:
+def run_once(tmp: Path, tag: str, overrides: dict, steps: int, workers: int, threads_now: int) -> dict:
     from gvpo.config import load_config
     from gvpo.trainer import train
 
@@ -71,8 +72,7 @@ def run_once(tmp: Path, tag: str, overrides: dict, steps: int, workers: int, lea
                                 "save_steps": 0, "progress_bar": False, "rollout_workers": workers,
                                 "max_policy_lag": 1, **overrides})
     threads = torch.get_num_threads()
-    if workers:
-        torch.set_num_threads(learner_threads)
+    torch.set_num_threads(threads_now)
     try:
         train(config)
     finally:
@@ -98,6 +98,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8, help="steps per run (the first is not counted)")
     p.add_argument("--reps", type=int, default=1, help="sync/async pairs per workload, alternating")
     p.add_argument("--learner-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--sync-threads", type=int, default=os.cpu_count() or 1,
+                   help="torch threads of the synchronous run (default: all cores; on a machine shared with "
+                        "other jobs 1 thread can be much faster, then compare at equal threads too)")
     a = p.parse_args()
     import ray
 
@@ -113,7 +116,7 @@ def main() -> int:
             for rep in range(a.reps):
                 for mode, workers in (("sync", 0), ("async", 1)):
                     runs[mode].append(run_once(tmp, f"{name}-{mode}-{rep}", overrides, a.steps, workers,
-                                               a.learner_threads))
+                                               a.learner_threads if workers else a.sync_threads))
             med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
             s = med["sync"]
             ideal = s["step_s"] / max(s["gen_s"], s["step_s"] - s["gen_s"])
