@@ -207,6 +207,7 @@ def test_ctrl_c_leaves_no_ray_process(tmp_path, tiny_model_dir):
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "gvpo.cli", "train", f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
            "max_steps=1000", "prompts_per_step=4", "num_generations=4", "max_completion_length=8", "eval_steps=0",
+           "num_eval=4", "num_train=64",
            "save_steps=0", "progress_bar=false", "rollout_workers=1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -109,7 +109,9 @@ class AsyncSource:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._stopping = False
-        gpu = 1 if torch.cuda.is_available() and cfg.rollout.engine in ("auto", "vllm") else 0
+        from gvpo.rollout import resolve_engine
+
+        gpu = 1 if resolve_engine(cfg.rollout.engine) == "vllm" else 0  # vLLM workers: one GPU each (not run)
         actor = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=gpu, max_restarts=MAX_RESTARTS,
                                                   max_task_retries=0)
         self.workers = [actor.remote(cfg, run.reward_funcs, run.reward_weights) for _ in range(cfg.rollout.rollout_workers)]
