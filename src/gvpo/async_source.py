@@ -35,6 +35,7 @@ import torch
 
 from gvpo.groups import Groups, step_seeds
 from gvpo.replay import concat_rollouts
+from gvpo.rollout import resolve_engine
 from gvpo.rollout_worker import Result, RolloutWorker, Task
 from gvpo.types import Rollout
 
@@ -109,8 +110,6 @@ class AsyncSource:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._stopping = False
-        from gvpo.rollout import resolve_engine
-
         gpu = 1 if resolve_engine(cfg.rollout.engine) == "vllm" else 0  # vLLM workers: one GPU each (not run)
         actor = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=gpu, max_restarts=MAX_RESTARTS,
                                                   max_task_retries=0)
