@@ -5,6 +5,7 @@ One Ray cluster for the whole session, started as users start one (`ray start --
 in-process runs and the torchrun learners join it through ``ray_address``."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -113,18 +114,20 @@ def test_one_worker_lag_zero_reproduces_the_synchronous_run(tmp_path, tiny_model
 
 
 def test_lag_bound_holds_and_a_killed_worker_loses_no_group(tmp_path, tiny_model_dir, ray_address):
-    """eta = 2 with 2 workers; one worker process is killed (SIGKILL) in the middle of its first task."""
+    """eta = 2 with 2 workers; one worker process is killed (SIGKILL) in the middle of its first task. GRPO, so
+    stale rows take their clipped ratio against the workers' behaviour log-probs."""
     marker = tmp_path / "killed"
     summary, steps, _ = _train(tmp_path, tiny_model_dir, "eta2", reward_funcs=(KillOnce(marker),),
-                               rollout_workers=2, max_policy_lag=2,
-                               ray_address=ray_address)
+                               algorithm="grpo", rollout_workers=2, max_policy_lag=2, ray_address=ray_address)
     assert marker.exists() and summary["worker_restarts"] == 1
     assert summary["groups_regenerated"] == 4  # each step is split in two tasks of 4 groups
     assert summary["groups_generated"] == summary["groups_trained"] == STEPS * 8  # none lost, none twice
     assert all(r["policy_lag_max"] <= 2 for r in steps)
     # Step 2's groups start before step 1 is trained (the second worker is free): staleness did happen.
     assert max(r["policy_lag_max"] for r in steps) >= 1
-    assert all(r["groups_used"] == 8 for r in steps)
+    assert all(r["groups_used"] == 8 and math.isfinite(r["loss"]) for r in steps)
+    # Rows of an older policy: the learner's weights moved away from the workers' behaviour log-probs.
+    assert max(r["kl_behaviour_current"] for r in steps if r["policy_lag_max"] > 0) > 1e-4
     for key in ("learner_idle_seconds", "worker_idle_seconds", "groups_in_flight", "policy_lag_mean"):
         assert all(key in r for r in steps)
 
