@@ -22,10 +22,10 @@ import torch
 from gvpo import checkpoint as ckpt
 from gvpo.batch import make_batch
 from gvpo.config import Config, save_config
+from gvpo.groups import LocalSource, sampling_params
 from gvpo.lag import SimulatedLag
 from gvpo.modeling import load_model_and_tokenizer
 from gvpo.old_policy import OldPolicy
-from gvpo.groups import LocalSource, sampling_params
 from gvpo.replay import ReplayBuffer, mix_history
 from gvpo.rollout import make_engine
 from gvpo.sampler import PromptSampler
