@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun: a few training steps on the tiny model."""
+"""Run by tests/test_distributed.py and tests/test_async.py under torchrun: a few training steps on the tiny model."""
 
 import sys
 
@@ -25,20 +25,24 @@ class CrashAt:
         return sevens(prompts, completions)
 
 
-if __name__ == "__main__":
-    model_dir, out, steps, replay = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    # "crash": stop at the 3rd step (checkpoint at 2 kept); "resume": continue from it.
-    mode = sys.argv[5] if len(sys.argv) > 5 else ""
-    engine = sys.argv[6] if len(sys.argv) > 6 else "auto"
+def run(model_dir: str, out: str, steps: int, replay: int, extra: list[str] = ()) -> dict:
+    """``extra``: more key=value overrides (e.g. rollout_workers=1, engine=hf, save_steps=2, resume=true);
+    ``crash_at=N`` (not a config field) makes the reward stop every rank at its N-th call (the initial
+    evaluation, then one call per step)."""
+    overrides = dict(arg.split("=", 1) for arg in extra)
+    crash_at = int(overrides.pop("crash_at", 0))
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 30) for b in range(10, 20)]
     if replay:  # few prompts, so that they recur and find their history (on whichever rank they land)
         rows = rows[:12]
     config = load_config(None, {
         "model_name_or_path": model_dir, "output_dir": out, "max_steps": steps, "prompts_per_step": 8,
         "num_generations": 4, "max_completion_length": 8, "learning_rate": 1e-2, "eval_steps": 0,
-        "save_steps": 2 if mode else 0, "progress_bar": False, "seed": 0, "num_mini_batches": 2,
-        "num_historical": replay, "resume": mode == "resume", "engine": engine,
+        "save_steps": 0, "progress_bar": False, "seed": 0, "num_mini_batches": 2, "num_historical": replay,
+        **overrides,
     })
-    # Reward calls: the initial evaluation, then one per step.
-    reward = CrashAt(4) if mode == "crash" else sevens
-    train(config, reward_funcs=[reward], train_rows=rows, eval_rows=rows[:8])
+    return train(config, reward_funcs=[CrashAt(crash_at) if crash_at else sevens], train_rows=rows,
+                 eval_rows=rows[:8])
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])

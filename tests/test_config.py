@@ -33,6 +33,10 @@ def test_round_trip(tmp_path):
     (["gradient_checkpointing=maybe"], "expected true or false"),
     (["reward_weights=1,2"], "one weight per reward function"),
     (["beta"], "key=value"),
+    (["rollout_workers=-1"], "rollout_workers=-1: use 0"),
+    (["max_policy_lag=-1"], "max_policy_lag=-1: must be >= 0"),
+    (["rollout_workers=1", "num_historical=2"], "replay is not supported with rollout_workers > 0"),
+    (["rollout_workers=1", "simulated_policy_lag=2"], "with rollout_workers > 0 the lag is real"),
 ])
 def test_bad_values_are_named(override, match):
     with pytest.raises(ValueError, match=match):

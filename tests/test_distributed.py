@@ -20,16 +20,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(nproc: int, model_dir: str, out: Path, steps: int = 3, replay: int = 0, mode: str = "", engine="auto"):
+def _launch(nproc: int, model_dir: str, out: Path, steps: int = 3, replay: int = 0, extra: list[str] = (),
+            crash: bool = False):
+    """``extra``: more key=value config overrides (the async tests, resume); ``crash``: the run stops at its
+    third step (tests/distributed_worker.py's crash_at) and leaves the step-2 checkpoint."""
+    extra = [*extra, "crash_at=4", "save_steps=2"] if crash else list(extra)
     # The package under test first (a checkout's src/, not whatever copy is installed), then the worker's folder.
     src = Path(__file__).parents[1] / "src"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(src), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), model_dir, str(out), str(steps), str(replay),
-           mode, engine]
+           "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), model_dir, str(out), str(steps), str(replay), *extra]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if mode == "crash":
+    if crash:
         assert done.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step-000002", done.stderr[-3000:]
         return None
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,8 +60,9 @@ def test_two_processes_resume_every_ranks_state(tmp_path, tiny_model_dir):
     """Two processes stop after step 2 and resume from the checkpoint: the same weights as the uninterrupted
     two-process run. engine=hf samples from each rank's own generator (rank-dependent seeds), so restoring one
     rank's RNG state on every rank would change the samples; replay state is restored per rank too."""
-    whole = _launch(2, tiny_model_dir, tmp_path / "whole", steps=4, replay=2, engine="hf")
-    _launch(2, tiny_model_dir, tmp_path / "part", steps=4, replay=2, mode="crash", engine="hf")
-    part = _launch(2, tiny_model_dir, tmp_path / "part", steps=4, replay=2, mode="resume", engine="hf")
+    hf = ["engine=hf", "save_steps=2"]
+    whole = _launch(2, tiny_model_dir, tmp_path / "whole", steps=4, replay=2, extra=hf)
+    _launch(2, tiny_model_dir, tmp_path / "part", steps=4, replay=2, extra=["engine=hf"], crash=True)
+    part = _launch(2, tiny_model_dir, tmp_path / "part", steps=4, replay=2, extra=[*hf, "resume=true"])
     for k in whole:
         assert torch.equal(part[k], whole[k]), k

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gvpo.replay import ReplayBuffer, Response, concat_rollouts, generate_groups, responses_to_rollout
-from gvpo.trainer import _mix_history
+from gvpo.replay import mix_history as _mix_history
 from gvpo.types import Rollout
 
 

@@ -1,7 +1,12 @@
 """pi_theta', the policy whose log-probs anchor GVPO's implicit reward beta * log(pi_theta / pi_theta').
 
 Modes:
-- ``previous`` (default, as in the authors' code): the policy that generated the batch. No extra model.
+- ``previous`` (default, as in the authors' code): the learner's weights at the start of the step, which on a
+  fresh batch are the policy that generated it. No extra model.
+- ``behaviour``: the policy that generated each row, whatever its age: the batch's behaviour log-probs, as the
+  rollout engine recorded them (no forward pass). Differs from ``previous`` only on stale rows (replay,
+  simulated lag, async rollouts); there the implicit reward beta * log(pi_theta / pi_behaviour) is itself the
+  staleness correction, and GVPO's optimum pi_behaviour exp(R / beta) / Z moves with the sampler.
 - ``initial``: the frozen starting model, the fixed-reference setting of Theorem 3.1. With a peft model
   this is the base with adapters disabled (no copy); otherwise one frozen copy.
 - ``ema``: an exponential moving average of the policy's weights, updated after every optimizer step.
@@ -51,6 +56,8 @@ class OldPolicy:
 
     @torch.no_grad()
     def logps(self, policy, batch, temperature: float) -> torch.Tensor:
+        if self.mode == "behaviour":  # recorded by the engine under the same temperature as token_logps
+            return batch.behavior_logps
         model, ctx = self._model_for(policy, "old")
         with ctx:
             return _logps(model, batch, temperature)

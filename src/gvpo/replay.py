@@ -7,6 +7,7 @@ start of the step. GRPO and Dr. GRPO use their standard clipped ratio against th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -114,3 +115,42 @@ def rollout_responses(rollout: Rollout, rewards: list[float], version: int) -> l
     lengths = rollout.completion_mask.sum(-1).tolist()
     ids, logps = rollout.completion_ids.tolist(), rollout.behavior_logps.tolist()
     return [Response(ids[i][:L], logps[i][:L], rewards[i], version) for i, L in enumerate(lengths)]
+
+
+def pick_history(replay, keys, num_historical: int, step: int, seeds) -> list[list]:
+    """Per prompt, the stored responses that join its group this step (none without replay). The pick is
+    seeded per prompt (from its generation seed), so it does not depend on the number of processes."""
+    if replay is None:
+        return [[] for _ in keys]
+    replay.evict(step)
+    return [replay.sample(key, num_historical, torch.Generator().manual_seed(_replay_seed(seed)))
+            for key, seed in zip(keys, seeds)]
+
+
+def _replay_seed(seed: int) -> int:
+    """A second seed from a generation seed (an LCG step), so the replay pick does not reuse a noise stream."""
+    return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
+
+
+def mix_history(replay, rollout, rewards, history, keys, step, pad_token_id, accelerator=None):
+    """Store the fresh responses, then append the replayed ones; returns (rollout, rewards, is_replayed).
+
+    Every process stores every process's fresh responses, in the order of the prompts' global positions: a
+    prompt lands on any rank when it recurs, and the buffers are the same as in a single process."""
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    fresh = rollout_responses(rollout, rewards, version=step)
+    stored = [(rank + world * p, row, keys[p], response)
+              for row, (p, response) in enumerate(zip(rollout.prompt_index.tolist(), fresh))
+              if not math.isnan(response.reward)]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        stored = gather_object(stored)
+    for _, _, key, response in sorted(stored, key=lambda item: item[:2]):
+        replay.add(key, [response])
+    old = [(p, r) for p, responses in enumerate(history) for r in responses]
+    if not old:
+        return rollout, rewards, [False] * len(rewards)
+    mixed = concat_rollouts([rollout, responses_to_rollout(old, rollout.completion_ids.device, pad_token_id)],
+                            pad_token_id)
+    return mixed, rewards + [r.reward for _, r in old], [False] * len(rewards) + [True] * len(old)

@@ -23,12 +23,14 @@ from gvpo import checkpoint as ckpt
 from gvpo.batch import make_batch
 from gvpo.config import Config, save_config
 from gvpo.data import encode_rows
+from gvpo.groups import LocalSource, sampling_params, trainer_state_for
+from gvpo.lag import SimulatedLag
 from gvpo.modeling import load_model_and_tokenizer
 from gvpo.old_policy import OldPolicy
-from gvpo.replay import ReplayBuffer, concat_rollouts, generate_groups, responses_to_rollout, rollout_responses
+from gvpo.replay import ReplayBuffer, mix_history
 from gvpo.rollout import make_engine
 from gvpo.sampler import PromptSampler
-from gvpo.scoring import check_rewards, make_trainer_state, resolve_reward, score_rollout
+from gvpo.scoring import check_rewards, resolve_reward, score_rollout
 from gvpo.tracking import Tracker, plot_run
 from gvpo.types import SamplingParams
 from gvpo.update import update
@@ -49,6 +51,7 @@ class Run:
     old_policy: OldPolicy
     sampler: PromptSampler
     replay: ReplayBuffer | None
+    lag: SimulatedLag
     generator: torch.Generator
     sampling: SamplingParams
     reward_funcs: list
@@ -56,6 +59,7 @@ class Run:
     train_rows: list
     eval_rows: list
     totals: dict = field(default_factory=lambda: {"skipped_updates": 0, "train_seconds": 0.0, "wall_seconds": 0.0})
+    source: object = field(default_factory=LocalSource)  # where each step's groups come from (gvpo/groups.py)
 
     def evaluate(self, step: int = 0) -> float:
         return _evaluate(self.engine, self.tokenizer, self.eval_rows, self.reward_funcs[0], self.config,
@@ -63,10 +67,7 @@ class Run:
 
     def trainer_state(self, steps_done: int):
         """TRL's ``trainer_state`` for reward functions: global_step and max_steps count optimizer updates."""
-        a = self.config.algorithm
-        updates = a.num_iterations * a.num_mini_batches
-        return make_trainer_state(steps_done * updates, self.config.training.max_steps * updates,
-                                  self.accelerator.is_main_process)
+        return trainer_state_for(self.config, steps_done, self.accelerator.is_main_process)
 
 
 def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval_rows=None) -> dict:
@@ -82,6 +83,27 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
     start_step = _resume(run) if config.checkpoint.resume else 0
     tracker = Tracker(out, config.logging.report_to, config.to_dict(),
                       resume_step=start_step if start_step else None) if accelerator.is_main_process else None
+    if config.rollout.rollout_workers:
+        from gvpo.async_source import AsyncSource
+
+        run.source = AsyncSource(run, start_step)  # workers start generating while the learner evaluates
+    try:
+        step = _loop(run, tracker, start_step, clock)
+    finally:  # end of run, an error or Ctrl-C: no worker or Ray process is left behind
+        run.source.close()
+    summary = _summary(totals, step, config)
+    summary["num_processes"] = accelerator.num_processes
+    if accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        tracker.close()
+        plot_run(out)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _loop(run: Run, tracker, start_step: int, clock: float) -> int:
+    """Steps start_step + 1 .. max_steps (or until max_time_seconds): train, evaluate, log, checkpoint."""
+    config, accelerator, totals = run.config, run.accelerator, run.totals
     if not start_step:
         totals["initial_accuracy"] = run.evaluate()
         _log(tracker, 0, {"eval_accuracy": totals["initial_accuracy"]})
@@ -108,14 +130,7 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
         if last:
             break
     bar.close()
-    summary = _summary(totals, step, config)
-    summary["num_processes"] = accelerator.num_processes
-    if accelerator.is_main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        tracker.close()
-        plot_run(out)
-    accelerator.wait_for_everyone()
-    return summary
+    return step
 
 
 def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) -> Run:
@@ -168,53 +183,56 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
         sampler=PromptSampler(len(train_rows), seed=cfg_t.seed),
         replay=ReplayBuffer(config.replay.max_staleness, capacity=cfg_r.num_generations)
         if config.replay.num_historical else None,
+        lag=SimulatedLag(cfg_t.simulated_policy_lag),
         generator=torch.Generator(device=accelerator.device).manual_seed(cfg_t.seed + 7919 * accelerator.process_index),
-        sampling=SamplingParams(max_new_tokens=cfg_r.max_completion_length, temperature=cfg_r.temperature,
-                                top_p=cfg_r.top_p, top_k=cfg_r.top_k, stop_strings=cfg_r.stop_strings),
+        sampling=sampling_params(config),
         reward_funcs=funcs, reward_weights=list(cfg_a.reward_weights) or [1.0] * len(funcs),
         train_rows=train_rows, eval_rows=eval_rows)
 
 
 def train_step(run: Run, step: int) -> dict:
-    """One step: sample prompts, generate, score, update. Returns the step's metrics."""
-    config, accelerator, tokenizer = run.config, run.accelerator, run.tokenizer
-    rank, world = accelerator.process_index, accelerator.num_processes
+    """One step: a batch of scored groups, the updates, then the new weights go to the group source.
+    Returns the step's metrics.
+
+    With rollout workers the batch's groups were generated by workers up to max_policy_lag versions ago
+    (gvpo.async_source); otherwise it comes through ``run.lag`` (training.simulated_policy_lag): with lag 0
+    it is generated now, else ``lag`` steps ago (gvpo.lag)."""
     t0 = time.perf_counter()
-    # 1. Prompts: the same global order on every rank; rank r keeps positions r, r + W, ... (whole groups).
-    indices = run.sampler.next_indices(config.rollout.prompts_per_step)
-    keys = indices[rank::world]
-    rows = [run.train_rows[i] for i in keys]
-    # 2. Generate with the current policy: k completions per prompt, or k - h next to h replayed ones.
-    run.policy.eval()
-    if hasattr(run.engine, "sync_weights"):  # engines that hold their own copy (vLLM) get the new weights
-        run.engine.sync_weights(run.policy)
-    prompt_ids = [r["prompt_ids"] for r in rows]
-    # One noise stream per (seed, step, global prompt position): any number of processes samples the same.
-    seeds = [(config.training.seed * 1_000_003 + step) * 65_537 + rank + world * i for i in range(len(rows))]
-    history = _history(run.replay, keys, config, step, seeds)
-    counts = [config.rollout.num_generations - len(h) for h in history]
-    rollout = generate_groups(run.engine, prompt_ids, counts, run.sampling, run.generator, seeds)
-    t_gen = time.perf_counter() - t0
-    # 3. Score; unscorable responses (None) leave their group.
-    rewards, reward_metrics = score_rollout(run.reward_funcs, run.reward_weights, tokenizer, rollout,
-                                            [rows[i] for i in rollout.prompt_index.tolist()],
-                                            run.trainer_state(step - 1), config.algorithm.reward_timeout)
-    metrics = {**reward_metrics, **_batch_metrics(rewards, rollout)}
-    replayed = None
-    if run.replay is not None:
-        rollout, rewards, replayed = _mix_history(run.replay, rollout, rewards, history, keys, step,
-                                                  tokenizer.pad_token_id, accelerator)
-        metrics.update(replayed=sum(replayed), replay_buffer_size=len(run.replay))
-    # Group id = the prompt's position in the step's global batch (unique even if a prompt repeats).
-    group_of = [rank + world * i for i in rollout.prompt_index.tolist()]
-    batch = make_batch(prompt_ids, rollout, rewards, group_of, tokenizer.pad_token_id, replayed)
-    # 4. Updates: log-probs under pi_theta' once, then num_iterations passes of mini-batch updates.
+    if run.config.rollout.rollout_workers:
+        batch, metrics = generate_batch(run, step)
+    else:
+        batch, metrics = run.lag.next_batch(lambda index: generate_batch(run, index), version=step - 1)
+    # Updates: log-probs under pi_theta' once, then num_iterations passes of mini-batch updates.
     metrics.update(update(run, batch))
+    run.source.publish(run, step)
     seconds = time.perf_counter() - t0
     run.totals["train_seconds"] += seconds
-    metrics.update(step_seconds=seconds, generation_seconds=t_gen, learning_rate=run.scheduler.get_last_lr()[0],
+    metrics.update(step_seconds=seconds, learning_rate=run.scheduler.get_last_lr()[0],
                    skipped_updates=run.totals["skipped_updates"])
     return metrics
+
+
+def generate_batch(run: Run, step: int):
+    """The ``step``-th batch: this rank's scored groups from the source (generated here now, or by rollout
+    workers), plus replayed responses. Returns (batch, metrics)."""
+    tokenizer = run.tokenizer
+    groups = run.source.next(run, step)
+    rollout, rewards = groups.rollout, groups.rewards
+    prompt_ids = [run.train_rows[k]["prompt_ids"] for k in groups.keys]
+    metrics = {**groups.metrics, **_batch_metrics(rewards, rollout)}
+    replayed = None
+    if run.replay is not None:
+        rollout, rewards, replayed = mix_history(run.replay, rollout, rewards, groups.history, groups.keys, step,
+                                                 tokenizer.pad_token_id, run.accelerator)
+        metrics.update(replayed=sum(replayed), replay_buffer_size=len(run.replay))
+    # Group id = the prompt's position in the step's global batch (unique even if a prompt repeats).
+    rows_of = rollout.prompt_index.tolist()
+    batch = make_batch(prompt_ids, rollout, rewards, [groups.positions[p] for p in rows_of],
+                       tokenizer.pad_token_id, replayed)
+    if groups.lags is not None:  # versions between each row's generating policy and the learner (kept rows)
+        lags = [groups.lags[p] for p, r in zip(rows_of, rewards) if not math.isnan(r)]
+        batch.lag = torch.tensor(lags, dtype=torch.long, device=batch.input_ids.device)
+    return batch, metrics
 
 
 def _resume(run: Run) -> int:
@@ -234,6 +252,7 @@ def _resume(run: Run) -> int:
     if run.replay is not None:
         run.replay.load_state_dict(state["replay"][accelerator.process_index])
     run.totals.update(state["totals"])
+    run.lag = SimulatedLag(run.config.training.simulated_policy_lag, generated=state["step"])  # lag 0 (config)
     step, max_steps = state["step"], run.config.training.max_steps
     if step >= max_steps:
         accelerator.print(
@@ -336,45 +355,6 @@ def _rows_from(source: str, d, split: str, limit: int, seed: int) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def _history(replay, keys, config, step, seeds) -> list[list]:
-    """Per prompt, the stored responses that join its group this step (none without replay). The pick is
-    seeded per prompt (from its generation seed), so it does not depend on the number of processes."""
-    if replay is None:
-        return [[] for _ in keys]
-    replay.evict(step)
-    return [replay.sample(key, config.replay.num_historical, torch.Generator().manual_seed(_replay_seed(seed)))
-            for key, seed in zip(keys, seeds)]
-
-
-def _replay_seed(seed: int) -> int:
-    """A second seed from a generation seed (an LCG step), so the replay pick does not reuse a noise stream."""
-    return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
-
-
-def _mix_history(replay, rollout, rewards, history, keys, step, pad_token_id, accelerator=None):
-    """Store the fresh responses, then append the replayed ones; returns (rollout, rewards, is_replayed).
-
-    Every process stores every process's fresh responses, in the order of the prompts' global positions: a
-    prompt lands on any rank when it recurs, and the buffers are the same as in a single process."""
-    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
-    fresh = rollout_responses(rollout, rewards, version=step)
-    stored = [(rank + world * p, row, keys[p], response)
-              for row, (p, response) in enumerate(zip(rollout.prompt_index.tolist(), fresh))
-              if not math.isnan(response.reward)]
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        stored = gather_object(stored)
-    for _, _, key, response in sorted(stored, key=lambda item: item[:2]):
-        replay.add(key, [response])
-    old = [(p, r) for p, responses in enumerate(history) for r in responses]
-    if not old:
-        return rollout, rewards, [False] * len(rewards)
-    mixed = concat_rollouts([rollout, responses_to_rollout(old, rollout.completion_ids.device, pad_token_id)],
-                            pad_token_id)
-    return mixed, rewards + [r.reward for _, r in old], [False] * len(rewards) + [True] * len(old)
-
-
 def _batch_metrics(rewards: list[float], rollout) -> dict:
     scored = [r for r in rewards if not math.isnan(r)]
     mean = sum(scored) / len(scored) if scored else math.nan
@@ -453,4 +433,7 @@ def _summary(totals, step, config) -> dict:
         "steps": step, "wall_seconds": round(totals["wall_seconds"], 2),
         "train_seconds": round(totals["train_seconds"], 2),
         "skipped_updates": totals["skipped_updates"], "output_dir": config.logging.output_dir,
+        # async mode: groups generated / trained / regenerated after a worker died, worker restarts
+        **{k: totals[k] for k in ("groups_generated", "groups_trained", "groups_regenerated", "worker_restarts")
+           if k in totals},
     }

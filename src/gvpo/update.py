@@ -31,6 +31,8 @@ def update(run, batch: Batch) -> dict:
             batch.ref_logps = old_policy.ref_logps(policy, batch, temperature)
     policy.train(config.model.gradient_checkpointing)  # train mode only for checkpointing; dropout is off
     stats: dict[str, list] = {}
+    kl_sums = torch.zeros(2)  # (sum of behaviour - current token log-probs, tokens) on the first mini-batch
+    first_update = True
     for _ in range(cfg_a.num_iterations):
         for mini in _mini_batches(batch, cfg_a.num_mini_batches):
             totals_mb = _global_counts(mini, accelerator)
@@ -45,14 +47,15 @@ def update(run, batch: Batch) -> dict:
                         logps = token_logps(model, micro.input_ids, micro.attention_mask, micro.position_ids,
                                             micro.completion_mask.shape[1], temperature)
                     old = logps.detach() if reuse_detached else micro.old_logps
-                    if cfg_a.algorithm != "gvpo" and bool(micro.is_replayed.any()):
-                        # The baselines' importance ratio is taken against the sampler of a replayed
-                        # response; GVPO needs none (Corollary 3.2).
-                        old = torch.where(micro.is_replayed[:, None], micro.behavior_logps, old)
+                    if cfg_a.algorithm != "gvpo":
+                        old = ratio_denominator(old, micro, cfg_a.off_policy_correction)
+                    if first_update:  # the learner's start-of-step weights: measure how stale the batch is
+                        _add_behaviour_kl(kl_sums, logps.detach(), micro)
                     loss, m = _loss(loss_fn, cfg_a, logps, old, micro, totals_mb, accelerator.num_processes)
                     accelerator.backward(loss)
                 for k, v in m.items():
                     stats.setdefault(k, []).append(float(v))
+            first_update = False
             grad_norm = _clip(accelerator, model, config.optimizer.max_grad_norm)
             if not math.isfinite(grad_norm):  # skip and count, never step on a corrupt gradient
                 totals["skipped_updates"] += 1
@@ -64,7 +67,28 @@ def update(run, batch: Batch) -> dict:
             old_policy.after_update(policy)
             stats.setdefault("grad_norm", []).append(grad_norm)
     policy.eval()
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    if kl_sums[1] > 0:
+        out["kl_behaviour_current"] = (kl_sums[0] / kl_sums[1]).item()
+    return out
+
+
+def ratio_denominator(old: torch.Tensor, batch: Batch, correction: str) -> torch.Tensor:
+    """GRPO / Dr. GRPO's token-ratio denominator (B, T): on stale rows (replayed or lagged), the behaviour
+    log-probs when ``correction == "behaviour"`` (pi_theta / pi_behaviour, the async systems' correction);
+    ``old`` (pi_theta' of old_policy) everywhere with ``"none"``. GVPO takes no ratio (Corollary 3.2)."""
+    if correction == "none":
+        return old
+    stale = batch.is_stale()
+    return torch.where(stale[:, None], batch.behavior_logps, old) if bool(stale.any()) else old
+
+
+def _add_behaviour_kl(sums: torch.Tensor, logps: torch.Tensor, batch: Batch) -> None:
+    """Accumulate the k1 estimate of KL(pi_behaviour || pi_current) per token: the mean over the batch's
+    completion tokens (sampled from pi_behaviour) of behavior_logps - logps, the current logps being the
+    learner's at the start of the step. ~0 on fresh batches (numerics only)."""
+    m = batch.completion_mask.to(logps.dtype)
+    sums += torch.stack([((batch.behavior_logps - logps) * m).sum().cpu(), m.sum().cpu()]).to(sums.dtype)
 
 
 def _mini_batches(batch: Batch, n: int) -> list[Batch | None]:

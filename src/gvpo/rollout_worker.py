@@ -1,0 +1,92 @@
+"""A rollout worker: its own copy of the policy and rollout engine; it generates and scores whole groups.
+
+Run as a Ray actor by gvpo.async_source (this module never imports ray itself, so it can be tested and read
+as a plain class). Scoring happens here, next to generation, so slow reward functions overlap with training
+too. The worker calls the same :func:`gvpo.groups.generate_and_score` as the synchronous loop, with the seeds
+the learner chose: with the same weights it produces the same groups.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from gvpo.groups import generate_and_score, sampling_params, trainer_state_for
+from gvpo.types import Rollout
+
+
+@dataclass
+class Task:
+    """Some whole groups of one step: the prompts at ``positions`` of step ``step``'s global batch."""
+
+    step: int
+    positions: list[int]
+    keys: list[int]  # dataset row of each prompt
+    seeds: list[int]
+    rows: list[dict]  # the dataset rows (prompt, prompt_ids and the columns reward functions read)
+
+
+@dataclass
+class Result:
+    task: Task
+    version: int  # the policy version (learner steps completed) that generated every group of the task
+    rollout: Rollout  # on CPU; prompt_index indexes task.positions
+    rewards: list[float]
+    metrics: dict
+    seconds: float  # busy time: weight load + generation + scoring
+
+
+class RolloutWorker:
+    def __init__(self, config, reward_funcs, reward_weights, threads: int = 1):
+        from gvpo.modeling import load_model_and_tokenizer
+        from gvpo.rollout import make_engine
+        from gvpo.trainer import _prepare_model
+
+        torch.set_num_threads(threads)
+        model, self.tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
+                                                         config.model.trust_remote_code)
+        # The learner's structure (peft adapters, dropout off), so its trainable weights load by name.
+        self.model = _prepare_model(model, config)
+        if torch.cuda.is_available():
+            self.model.cuda()
+        self.engine = make_engine(config.rollout.engine, self.model, self.tokenizer)
+        self.sampling = sampling_params(config)
+        self.num_generations = config.rollout.num_generations
+        self.reward_funcs, self.reward_weights = reward_funcs, reward_weights
+        self.config = config
+        self.version = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def generate(self, task: Task, version: int, weights: list) -> Result:
+        """Groups of ``task`` with policy ``version``; ``weights`` is ``[ObjectRef]`` of its trainable
+        parameters (boxed so that Ray fetches them only when this worker does not hold that version yet)."""
+        t0 = time.perf_counter()
+        if version != self.version:
+            import ray
+
+            self.load_weights(ray.get(weights[0]))
+            self.version = version
+        n = len(task.rows)
+        rollout, rewards, metrics = generate_and_score(
+            self.engine, self.tokenizer, task.rows, [self.num_generations] * n, self.sampling, None, task.seeds,
+            self.reward_funcs, self.reward_weights, trainer_state_for(self.config, task.step - 1),
+            self.config.algorithm.reward_timeout)
+        rollout = Rollout(rollout.completion_ids.cpu(), rollout.completion_mask.cpu(), rollout.behavior_logps.cpu(),
+                          rollout.prompt_index.cpu())
+        return Result(task, version, rollout, rewards, metrics, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict) -> None:
+        missing = set(weights) - {name for name, _ in self.model.named_parameters()}
+        if missing:
+            raise ValueError(f"rollout worker: the learner sent weights this model does not have: {sorted(missing)[:3]}")
+        params = dict(self.model.named_parameters())
+        for name, value in weights.items():
+            params[name].copy_(value)
+        if hasattr(self.engine, "sync_weights"):  # engines holding their own copy (vLLM) get the new weights
+            self.engine.sync_weights(self.model)

@@ -1,0 +1,232 @@
+"""Async mode on Ray: lag 0 reproduces the synchronous run, the staleness bound holds, nothing is lost or
+trained twice when a worker dies, reward errors name the function, torchrun learners, clean shutdown.
+
+One Ray cluster for the whole session, started as users start one (`ray start --head`, 2 CPUs): the
+in-process runs and the torchrun learners join it through ``ray_address``."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gvpo.config import load_config
+from gvpo.scoring import RewardError
+from gvpo.trainer import train
+from test_trainer import ROWS, read, sevens
+
+# A driver joining a `ray start` cluster (Ray >= 2.60 token auth) sends the token only when this is set
+# before ray is imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+ray = pytest.importorskip("ray")
+SRC, TESTS = Path(__file__).parents[1] / "src", Path(__file__).parent
+STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """`ray start --head --block` with 2 CPUs (workers import this checkout and the test helpers); SIGTERM ends
+    it and every process it started."""
+    port, log = _free_port(), tmp_path_factory.mktemp("ray") / "head.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token",
+           "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+           "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
+    head = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        address = f"127.0.0.1:{port}"
+        ray.init(address=address, log_to_driver=False)
+        yield address
+    finally:
+        ray.shutdown()
+        head.send_signal(signal.SIGTERM)
+        head.wait(60)
+
+
+def config_for(tmp_path, model_dir, name, **overrides):
+    base = {"model_name_or_path": model_dir, "output_dir": str(tmp_path / name), "max_steps": STEPS,
+            "prompts_per_step": 8, "num_generations": 4, "max_completion_length": 8, "learning_rate": 1e-2,
+            "eval_steps": 0, "save_steps": 0, "progress_bar": False, "seed": 0}
+    return load_config(None, {**base, **overrides})
+
+
+def _train(tmp_path, model_dir, name, reward_funcs=(sevens,), **overrides):
+    summary = train(config_for(tmp_path, model_dir, name, **overrides), reward_funcs=list(reward_funcs),
+                    train_rows=ROWS, eval_rows=ROWS[:8])
+    steps = [r for r in read(tmp_path / name) if "loss" in r]
+    return summary, steps, _weights(tmp_path / name)
+
+
+def _weights(out):
+    return load_file(str(out / "checkpoints" / f"step-{STEPS:06d}" / "model.safetensors"))
+
+
+def _assert_same_weights(a, b):
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+
+
+class KillOnce:
+    """``sevens``, except that it kills the rollout worker process it runs in, the first time only."""
+
+    __name__ = "kill_once"
+
+    def __init__(self, marker):
+        self.marker, self.learner = str(marker), os.getpid()
+
+    def __call__(self, prompts, completions, **kwargs):
+        if os.getpid() != self.learner and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return sevens(prompts, completions)
+
+
+@pytest.mark.parametrize("algorithm", ["gvpo", "grpo"])
+def test_one_worker_lag_zero_reproduces_the_synchronous_run(tmp_path, tiny_model_dir, ray_address, algorithm):
+    _, sync, w_sync = _train(tmp_path, tiny_model_dir, "sync", algorithm=algorithm)
+    summary, steps, w_async = _train(tmp_path, tiny_model_dir, "async", algorithm=algorithm, rollout_workers=1,
+                                     max_policy_lag=0, ray_address=ray_address)
+    assert [r["reward_mean"] for r in steps] == [r["reward_mean"] for r in sync]
+    assert [r["loss"] for r in steps] == [r["loss"] for r in sync]
+    assert all(r["policy_lag_max"] == 0 for r in steps)
+    _assert_same_weights(w_sync, w_async)
+    start = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert max((w_sync[k] - start[k]).abs().max().item() for k in start) > 1e-3  # training moved the weights
+    assert summary["groups_generated"] == summary["groups_trained"] == STEPS * 8
+
+
+def test_lag_bound_holds_and_a_killed_worker_loses_no_group(tmp_path, tiny_model_dir, ray_address):
+    """eta = 2 with 2 workers; one worker process is killed (SIGKILL) in the middle of its first task. GRPO, so
+    stale rows take their clipped ratio against the workers' behaviour log-probs."""
+    marker = tmp_path / "killed"
+    summary, steps, _ = _train(tmp_path, tiny_model_dir, "eta2", reward_funcs=(KillOnce(marker),),
+                               algorithm="grpo", rollout_workers=2, max_policy_lag=2, ray_address=ray_address)
+    assert marker.exists() and summary["worker_restarts"] == 1
+    assert summary["groups_regenerated"] == 4  # each step is split in two tasks of 4 groups
+    assert summary["groups_generated"] == summary["groups_trained"] == STEPS * 8  # none lost, none twice
+    assert all(r["policy_lag_max"] <= 2 for r in steps)
+    # Step 2's groups start before step 1 is trained (the second worker is free): staleness did happen.
+    assert max(r["policy_lag_max"] for r in steps) >= 1
+    assert all(r["groups_used"] == 8 and math.isfinite(r["loss"]) for r in steps)
+    # Rows of an older policy: the learner's weights moved away from the workers' behaviour log-probs.
+    assert max(r["kl_behaviour_current"] for r in steps if r["policy_lag_max"] > 0) > 1e-4
+    for key in ("learner_idle_seconds", "worker_idle_seconds", "groups_in_flight", "policy_lag_mean"):
+        assert all(key in r for r in steps)
+
+
+def test_a_raising_reward_in_a_worker_stops_the_run_with_its_name(tmp_path, tiny_model_dir, ray_address):
+    def flaky_grader(prompts, completions, **kwargs):
+        if os.environ.get("GVPO_TEST_LEARNER") != str(os.getpid()):
+            raise RuntimeError("grader fell over")
+        return sevens(prompts, completions)
+
+    os.environ["GVPO_TEST_LEARNER"] = str(os.getpid())  # evaluation (in the learner) scores fine
+    with pytest.raises(RewardError, match="'flaky_grader' raised RuntimeError: grader fell over"):
+        _train(tmp_path, tiny_model_dir, "raises", reward_funcs=(flaky_grader,), rollout_workers=1,
+               ray_address=ray_address)
+
+
+class FailAtThirdCall:
+    """``sevens``, except that its third call in a rollout worker raises, once per marker file (step 3 of a
+    one-worker, lag-0 run): a learner crash after the step-2 checkpoint."""
+
+    __name__ = "fail_at_third_call"
+
+    def __init__(self, marker):
+        self.marker, self.learner, self.calls = str(marker), os.getpid(), 0
+
+    def __call__(self, prompts, completions, **kwargs):
+        if os.getpid() != self.learner:
+            self.calls += 1
+            if self.calls == 3 and not os.path.exists(self.marker):
+                Path(self.marker).write_text("crashed")
+                raise RuntimeError("learner crash drill")
+        return sevens(prompts, completions)
+
+
+def test_a_crashed_async_run_resumes_from_its_checkpoint_as_the_synchronous_run(tmp_path, tiny_model_dir, ray_address):
+    """Crash at step 3, resume from the step-2 checkpoint with fresh workers: the synchronous run's weights."""
+    _, _, w_sync = _train(tmp_path, tiny_model_dir, "sync")
+    crash = FailAtThirdCall(tmp_path / "crashed")
+    options = dict(reward_funcs=(crash,), rollout_workers=1, max_policy_lag=0, ray_address=ray_address,
+                   save_steps=2)
+    with pytest.raises(RewardError, match="learner crash drill"):
+        _train(tmp_path, tiny_model_dir, "async", **options)
+    assert not (tmp_path / "async" / "checkpoints" / f"step-{STEPS:06d}").exists()
+    summary, steps, w_resumed = _train(tmp_path, tiny_model_dir, "async", resume=True, **options)
+    assert [r["step"] for r in steps][-2:] == [3, 4] and summary["steps"] == STEPS
+    _assert_same_weights(w_sync, w_resumed)
+
+
+def test_two_torchrun_learners_lag_zero_equal_one_synchronous_process(tmp_path, tiny_model_dir, ray_address):
+    """The learner as 2 gloo processes (rank 0 joins the cluster, whole groups per rank) against the synchronous
+    single-process run of tests/distributed_worker.py."""
+    from distributed_worker import run
+    from test_distributed import _launch
+
+    run(tiny_model_dir, str(tmp_path / "sync"), 3, 0)
+    sync = load_file(str(tmp_path / "sync" / "checkpoints" / "step-000003" / "model.safetensors"))
+    both = _launch(2, tiny_model_dir, tmp_path / "two", extra=["rollout_workers=1", "max_policy_lag=0",
+                                                                   f"ray_address={ray_address}"])
+    log = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["policy_lag_max"] for r in log if "loss" in r] == [0, 0, 0]
+    for k in sync:
+        torch.testing.assert_close(both[k], sync[k], rtol=1e-4, atol=1e-5)
+
+
+def _session_processes(pid: int) -> list[int]:
+    """Processes of the Ray session that process ``pid`` started (its session folder ends with the pid)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if any(f"_{pid}/" in part for part in (p.info["cmdline"] or [])) and "session_" in " ".join(p.info["cmdline"]):
+            found.append(p.info["pid"])
+    return found
+
+
+def test_ctrl_c_leaves_no_ray_process(tmp_path, tiny_model_dir):
+    """A CLI run with its own local Ray instance, interrupted after its first step: nothing survives it."""
+    out = tmp_path / "cli"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "gvpo.cli", "train", f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
+           "max_steps=1000", "prompts_per_step=4", "num_generations=4", "max_completion_length=8", "eval_steps=0",
+           "num_eval=4", "num_train=64",
+           "save_steps=0", "progress_bar=false", "rollout_workers=1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        started = _session_processes(proc.pid)
+        assert started, "the run's Ray processes were not found: the test checks nothing"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(2)
+    import psutil
+
+    alive = [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"Ray processes left behind: {alive}"
