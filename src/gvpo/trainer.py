@@ -132,7 +132,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
         save_config(config, out / "config.yaml")
 
     model, tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
-                                                config.model.trust_remote_code)
+                                                config.model.trust_remote_code, config.model.fused_logps)
     model = _prepare_model(model, config)
     train_rows, eval_rows = _load_rows(config, tokenizer, train_rows, eval_rows)
     funcs = [resolve_reward(f) for f in (reward_funcs or cfg_a.reward_funcs)]
