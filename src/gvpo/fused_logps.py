@@ -23,19 +23,24 @@ from typing import NamedTuple
 
 import torch
 
-# Defaults measured on CPU (benchmarks/memory.py): a 1,024 x 8,192 float32 tile is 32 MB, large enough that
-# the per-tile overhead is negligible and small enough that the tile, not the vocabulary, sets the peak.
-CHUNK_TOKENS = 1024
-CHUNK_VOCAB = 8192
+# A tile of 2**23 float32 logits is 32 MB: the tile, not the vocabulary, then sets the peak (a few tiles'
+# worth of temporaries), and tiles are few enough that per-op overhead stays small (on CPU small tiles were
+# several times slower, benchmarks/memory.py --logps).
+TILE_ELEMENTS = 2**23
+MAX_CHUNK_TOKENS = 4096
 
 
 def chunked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
-                  temperature: float = 1.0, chunk_tokens: int = CHUNK_TOKENS,
-                  chunk_vocab: int = CHUNK_VOCAB) -> torch.Tensor:
+                  temperature: float = 1.0, chunk_tokens: int | None = None,
+                  chunk_vocab: int | None = None) -> torch.Tensor:
     """log softmax((hidden @ weight.T + bias) / temperature)[targets], shape ``hidden.shape[:-1]``, float32.
 
     ``hidden (..., H)``, ``weight (V, H)``, ``bias (V,)`` or None, ``targets (...)`` token ids in [0, V).
+    Tiles are ``chunk_tokens x chunk_vocab``; by default up to 4,096 positions x as many vocabulary rows as
+    fit in ``TILE_ELEMENTS``.
     """
+    chunk_tokens = chunk_tokens or min(targets.numel(), MAX_CHUNK_TOKENS) or 1
+    chunk_vocab = chunk_vocab or max(1, TILE_ELEMENTS // chunk_tokens)
     if chunk_tokens < 1 or chunk_vocab < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens}, chunk_vocab={chunk_vocab}: both must be >= 1")
     shape = targets.shape
