@@ -13,6 +13,7 @@ fresh subprocess, with the median time of ``--repeats`` runs. A row whose estima
 available now is skipped and its estimate printed. ``--bf16`` runs the same rows under bf16 autocast.
 
 Usage: python benchmarks/memory.py --logps [--lengths 1024 4096] [--repeats 3] [--bf16] [--device cpu|cuda]
+       [--what logps step] [--paths plain fused]
 """
 
 import argparse
@@ -87,6 +88,7 @@ def one_step(setting, prompts, k, tokens, device):
 
 
 VOCAB, LOGPS_ROWS = 151_936, 4
+PLAIN_LOGITS_COPIES = 4
 
 
 def logps_row(what, path, tokens, repeats, bf16, device):
@@ -155,24 +157,34 @@ def _available_mb():
         return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
 
 
-def logps_table(lengths, repeats, bf16, device):
-    """Rows alternate plain / fused; a plain row at a longer T is estimated from the shortest T (the logits grow
-    linearly in T) and skipped on CPU when the estimate does not fit in the memory available now."""
+def _estimate_mb(rows, what, path, tokens):
+    """A row's peak from a shorter row of this run (linear in T), else, for the plain path, from the logits:
+    at its peak it held PLAIN_LOGITS_COPIES times the float32 (N, T, V) logits (measured at T = 1,024)."""
+    first = next((r for r in rows if r["what"] == what and r["path"] == path), None)
+    if first:
+        return first["peak_mb"] + first["increase_mb"] * (tokens / first["tokens"] - 1), f"from T={first['tokens']}"
+    if path == "plain":
+        return PLAIN_LOGITS_COPIES * LOGPS_ROWS * tokens * VOCAB * 4 / 2**20, f"{PLAIN_LOGITS_COPIES}x the logits"
+    return None, ""
+
+
+def logps_table(lengths, repeats, bf16, device, whats=("logps", "step"), paths=("plain", "fused")):
+    """Rows alternate plain / fused; a row whose estimated peak does not fit in the memory available now (CPU)
+    is skipped and its estimate printed."""
     rows, skipped = [], []
     for tokens in lengths:
-        for what in ("logps", "step"):
-            for path in ("plain", "fused"):
-                first = next((r for r in rows if r["what"] == what and r["path"] == path), None)
-                estimate = first and first["peak_mb"] + first["increase_mb"] * (tokens / first["tokens"] - 1)
+        for what in whats:
+            for path in paths:
+                estimate, how = _estimate_mb(rows, what, path, tokens)
                 if device == "cpu" and estimate and estimate > 0.9 * _available_mb():
-                    skipped.append(f"{what} {path} T={tokens}: estimated peak {estimate / 1024:.1f} GB (linear "
-                                   f"in T from T={first['tokens']}) > 90% of the {_available_mb() / 1024:.1f} GB "
-                                   "available now")
+                    skipped.append(f"{what} {path} T={tokens}: estimated peak {estimate / 1024:.1f} GB ({how}) > "
+                                   f"90% of the {_available_mb() / 1024:.1f} GB available now")
                     continue
                 cmd = [sys.executable, __file__, "--logps-worker", f"{what},{path},{tokens}", "--repeats",
                        str(repeats), "--device", device] + (["--bf16"] if bf16 else [])
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     what = "max_memory_allocated" if device == "cuda" else "peak RSS"
     print(f"# log-probs at V = {VOCAB:,}: {LOGPS_ROWS} sequences, 32 prompt + T completion tokens, random 2-layer "
           f"Qwen2 (hidden 64, tied head), {'bf16 autocast' if bf16 else 'float32'}, device {device} ({what}; "
@@ -180,7 +192,7 @@ def logps_table(lengths, repeats, bf16, device):
     print(f"{'T':>6} {'what':<6}{'plain MB':>10}{'fused MB':>10}{'plain +MB':>10}{'fused +MB':>10}{'ratio +MB':>10}"
           f"{'plain s':>9}{'fused s':>9}{'time ratio':>11}")
     for tokens in lengths:
-        for what in ("logps", "step"):
+        for what in whats:
             p, f = (next((r for r in rows if (r["what"], r["path"], r["tokens"]) == (what, k, tokens)), None)
                     for k in ("plain", "fused"))
             cell = lambda r, key, fmt: format(r[key], fmt) if r else "skipped"  # noqa: E731
@@ -210,6 +222,8 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--what", nargs="+", default=["logps", "step"], choices=["logps", "step"])
+    p.add_argument("--paths", nargs="+", default=["plain", "fused"], choices=["plain", "fused"])
     p.add_argument("--logps-worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     import torch
@@ -220,7 +234,7 @@ def main():
         print(json.dumps(logps_row(what, path, int(tokens), a.repeats, a.bf16, device)))
         return
     if a.logps:
-        logps_table(a.lengths, a.repeats, a.bf16, device)
+        logps_table(a.lengths, a.repeats, a.bf16, device, a.what, a.paths)
         return
     if a.worker:
         print(json.dumps(one_step(a.worker, a.prompts, a.k, a.tokens, device)))
