@@ -116,8 +116,9 @@ class _ChunkedLogps(torch.autograd.Function):
                     h, t, g = h_all[m0:m1].to(dtype), t_all[m0:m1], g_all[m0:m1]
                     z = _tile_logits(h, weight, bias, v0, v1, temperature, dtype)
                     dz = torch.exp_(z.sub_(lse_all[m0:m1, None])).mul_(-g[:, None])  # -g * softmax, (m, v)
-                    inside = ((t >= v0) & (t < v1)).nonzero().squeeze(1)
-                    dz[inside, t[inside] - v0] += g[inside]
+                    inside = (t >= v0) & (t < v1)  # + g at the target, where the target is in this tile
+                    dz.scatter_add_(1, (t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1),
+                                    torch.where(inside, g, 0.0).unsqueeze(1))  # no host sync (CUDA)
                     if need_h:
                         grad_h[m0:m1] += dz.to(dtype) @ w
                     if need_w:
