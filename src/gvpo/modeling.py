@@ -60,7 +60,8 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, po
     hidden states tile by tile (:mod:`gvpo.fused_logps`) without the (N, T, V) logits; a model whose head is
     not exactly ``lm_head(hidden)`` takes the plain path, with its reason logged once.
     """
-    plan = fused_head(model) if (fused_enabled(model) if fused is None else fused) else None
+    wanted = fused_enabled(model) if fused is None else fused
+    plan = fused_head(model) if wanted else None
     if plan is not None:
         return fused_token_logps(model, plan, input_ids, attention_mask, position_ids, num_completion_tokens,
                                  temperature)
