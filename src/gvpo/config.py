@@ -31,6 +31,9 @@ class ModelConfig:
     # Recompute activations in backward to save memory (transformers' gradient_checkpointing_enable).
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # Token log-probs from the last hidden states, tile by tile, without the (N, T, V) logits (memory flat in
+    # the vocabulary; gvpo.fused_logps). Used only where exact; false = the plain path (full logits).
+    fused_logps: bool = True
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):

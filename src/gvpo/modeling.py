@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from gvpo.fused_logps import fused_enabled, fused_head, fused_token_logps, set_fused_logps
+
 
 def resolve_model_path(name_or_path: str) -> str:
     """"default" is the tiny model shipped in the package; anything else goes to transformers as is."""
@@ -18,8 +20,10 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model_and_tokenizer(name_or_path: str = "default", dtype: str = "float32", trust_remote_code: bool = False):
-    """A causal LM and its tokenizer from a local path or a hub name (no hub access is needed for "default")."""
+def load_model_and_tokenizer(name_or_path: str = "default", dtype: str = "float32", trust_remote_code: bool = False,
+                             fused_logps: bool = True):
+    """A causal LM and its tokenizer from a local path or a hub name (no hub access is needed for "default").
+    ``fused_logps`` is ModelConfig's switch for :func:`token_logps`, recorded on the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -36,6 +40,7 @@ def load_model_and_tokenizer(name_or_path: str = "default", dtype: str = "float3
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    set_fused_logps(model, fused_logps)
     return model, tokenizer
 
 
@@ -85,14 +90,26 @@ def build_sequences(prompt_ids: list[list[int]], completion_ids: torch.Tensor, c
 
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                num_completion_tokens: int, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs of the last ``num_completion_tokens`` tokens of each row under ``model``, (N, T).
+                num_completion_tokens: int, temperature: float = 1.0, fused: bool | None = None) -> torch.Tensor:
+    """Log-probs of the last ``num_completion_tokens`` tokens of each row under ``model``, (N, T), float32.
 
     Logits are divided by the sampling temperature, as TRL does, so that at temperature != 1 the policy whose
-    log-probs enter the loss is the one that was sampled. Only the completion positions' logits are
-    materialised (``logits_to_keep``), and the log-softmax is taken row by row through logsumexp to avoid a
-    second (N, T, V) tensor.
+    log-probs enter the loss is the one that was sampled. ``fused`` (default: the model's
+    ``model.fused_logps`` setting, see :func:`set_fused_logps`; on if unset) computes them from the last
+    hidden states tile by tile (:mod:`gvpo.fused_logps`) without the (N, T, V) logits; a model whose head is
+    not exactly ``lm_head(hidden)`` takes the plain path, with its reason logged once.
     """
+    wanted = fused_enabled(model) if fused is None else fused
+    plan = fused_head(model) if wanted else None
+    if plan is not None:
+        return fused_token_logps(model, plan, input_ids, attention_mask, position_ids, num_completion_tokens,
+                                 temperature)
+    return _plain_token_logps(model, input_ids, attention_mask, position_ids, num_completion_tokens, temperature)
+
+
+def _plain_token_logps(model, input_ids, attention_mask, position_ids, num_completion_tokens, temperature):
+    """Only the completion positions' logits are materialised (``logits_to_keep``), and the log-softmax is taken
+    through logsumexp to avoid a second (N, T, V) tensor."""
     T = num_completion_tokens
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=T + 1, use_cache=False)
