@@ -40,6 +40,9 @@ SKIP = {
     "gvpo eval --model Qwen/Qwen2.5-Math-1.5B": "hub + GPU: downloads a 1.5B model",
     "gvpo eval --model runs/math": "GPU: avg@32 of a math run trained on GPUs",
     "gvpo train --config configs/math_qwen2.5_1.5b.yaml": "hub + GPU: the paper's training setup",
+    "pip install gvpo[ray]": "network: installs packages (.venv already has them)",
+    "gvpo train rollout_workers=1": "Ray: starts a Ray instance (tests/test_async.py runs these paths on one shared one)",
+    "RAY_AUTH_MODE=token gvpo train": "a Ray cluster on several machines",
     "bash scripts/gpu_check.sh": "GPU: the prepared GPU check (its --quick CPU mode runs in tests/test_gpu_check.py)",
 }
 
