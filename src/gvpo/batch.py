@@ -23,6 +23,7 @@ class Batch:
     old_logps: torch.Tensor | None = None  # (N, T) under pi_theta', filled by the trainer
     ref_logps: torch.Tensor | None = None  # (N, T) under a frozen reference (GRPO's KL), when needed
     is_replayed: torch.Tensor | None = None  # (N,) bool: the response comes from the replay buffer
+    is_demonstration: torch.Tensor | None = None  # (N,) bool: a dataset demonstration (no behaviour log-probs)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -38,7 +39,8 @@ class Batch:
 
 
 def make_batch(prompt_ids: list[list[int]], rollout: Rollout, rewards: list[float], group_ids: list[int],
-               pad_token_id: int, is_replayed: list[bool] | None = None) -> Batch:
+               pad_token_id: int, is_replayed: list[bool] | None = None,
+               is_demonstration: list[bool] | None = None) -> Batch:
     """Turn a scored rollout into a batch; responses whose reward is NaN (unscorable) are dropped."""
     keep = torch.tensor([not math.isnan(r) for r in rewards], dtype=torch.bool)
     device = rollout.completion_ids.device
@@ -51,7 +53,9 @@ def make_batch(prompt_ids: list[list[int]], rollout: Rollout, rewards: list[floa
                   completion_mask=completion_mask, rewards=torch.tensor(rewards, dtype=torch.float32, device=device),
                   group_ids=torch.tensor(group_ids, dtype=torch.long, device=device),
                   behavior_logps=rollout.behavior_logps[:, :width],
-                  is_replayed=torch.tensor(is_replayed or [False] * len(rewards), dtype=torch.bool, device=device))
+                  is_replayed=torch.tensor(is_replayed or [False] * len(rewards), dtype=torch.bool, device=device),
+                  is_demonstration=torch.tensor(is_demonstration or [False] * len(rewards), dtype=torch.bool,
+                                                device=device))
     return batch if bool(keep.all()) else batch.select(keep.to(device))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from gvpo import checkpoint as ckpt
+from gvpo import demonstrations
 from gvpo.batch import make_batch
 from gvpo.config import Config, save_config
 from gvpo.modeling import load_model_and_tokenizer
@@ -174,7 +175,8 @@ def train_step(run: Run, step: int) -> dict:
     # One noise stream per (seed, step, global prompt position): any number of processes samples the same.
     seeds = [(config.training.seed * 1_000_003 + step) * 65_537 + rank + world * i for i in range(len(rows))]
     history = _history(run.replay, keys, config, step, seeds)
-    counts = [config.rollout.num_generations - len(h) for h in history]
+    demos = demonstrations.pick(rows, config, tokenizer, seeds)  # up to d per prompt; [] when off
+    counts = [config.rollout.num_generations - len(h) - len(d) for h, d in zip(history, demos)]
     rollout = generate_groups(run.engine, prompt_ids, counts, run.sampling, run.generator, seeds)
     t_gen = time.perf_counter() - t0
     # 3. Score; unscorable responses (None) leave their group.
@@ -189,9 +191,14 @@ def train_step(run: Run, step: int) -> dict:
         rollout, rewards, replayed = _mix_history(run.replay, rollout, rewards, history, keys, step,
                                                   tokenizer.pad_token_id, accelerator)
         metrics.update(replayed=sum(replayed), replay_buffer_size=len(run.replay))
+    is_demo = None  # demonstrations join their prompt's group after replay (never stored in the buffer)
+    if demonstrations.per_group(config):
+        rollout, rewards, replayed, is_demo, demo_metrics = demonstrations.mix(rollout, rewards, replayed, demos,
+                                                                               rows, run)
+        metrics.update(demo_metrics)
     # Group id = the prompt's position in the step's global batch (unique even if a prompt repeats).
     group_of = [rank + world * i for i in rollout.prompt_index.tolist()]
-    batch = make_batch(prompt_ids, rollout, rewards, group_of, tokenizer.pad_token_id, replayed)
+    batch = make_batch(prompt_ids, rollout, rewards, group_of, tokenizer.pad_token_id, replayed, is_demo)
     # 4. Updates: log-probs under pi_theta' once, then num_iterations passes of mini-batch updates.
     metrics.update(update(run, batch))
     seconds = time.perf_counter() - t0

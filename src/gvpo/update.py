@@ -97,6 +97,8 @@ def _loss(loss_fn, cfg_a, logps, old, micro: Batch, totals_mb: dict, world: int)
                   ref_logps=micro.ref_logps)
     if cfg_a.algorithm == "dr_grpo":
         kwargs["max_completion_length"] = micro.completion_mask.shape[1]
+    if cfg_a.demonstration_loss == "luffy" and micro.is_demonstration is not None and bool(micro.is_demonstration.any()):
+        kwargs.update(off_policy_mask=micro.is_demonstration, policy_shaping_gamma=cfg_a.policy_shaping_gamma)
     loss, m = loss_fn(*args, **kwargs)
     return loss * len(micro) * world / max(totals_mb["sequences"], 1), m
 

@@ -1,0 +1,272 @@
+"""Demonstrations inside RL groups: GVPO + demonstrations against on-policy RL, LUFFY-style and naive GRPO,
+and SFT on the demonstrations followed by GVPO.
+
+    python experiments/demonstrations.py run    [--tasks arithmetic_long,arithmetic_hard] [--seeds 0,1,2] [--jobs 2]
+    python experiments/demonstrations.py report [--out docs/demonstrations]
+
+`run` trains every arm below for every seed and task (`gvpo train` in subprocesses, `--jobs` at a time, one torch
+thread each; seeds outermost, so a sweep cut short still has whole seeds to pair), skipping runs whose
+summary.json exists, into runs/demonstrations/<task>/<arm>/s<seed>. `report` writes the Markdown tables and
+PNG plots of docs/demonstrations.md.
+
+Regime: 16 prompts x k = 8 per step, 4 mini-batch updates per batch (as the authors' script, so beta and the
+baselines' clipping act), pi_theta' = the policy that generated the batch, lr 1e-4 (the default), demos: d = 1
+demonstration + 7 samples per group (LUFFY's 7 + 1). The `_off` arms continue a demonstration run's final
+checkpoint for CONTINUE more steps without demonstrations (does what was learned survive on-policy?).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path("runs/demonstrations")
+STEPS, CONTINUE, SFT_STEPS = 40, 20, 20
+COMMON = {"max_steps": STEPS, "eval_steps": 10, "num_eval": 100, "save_steps": 0, "progress_bar": "false",
+          "prompts_per_step": 16, "num_generations": 8, "num_mini_batches": 4}
+BUDGET = {"arithmetic_hard": 56, "arithmetic_long": 68}  # longest worked solution + EOS fits
+DEMOS = {"demonstration_column": "solution", "demonstrations_per_group": 1}
+ARMS = {
+    "gvpo": {"algorithm": "gvpo"},
+    "gvpo_demos": {"algorithm": "gvpo", **DEMOS},
+    "grpo": {"algorithm": "grpo"},
+    "grpo_luffy": {"algorithm": "grpo", "demonstration_loss": "luffy", **DEMOS},
+    "grpo_naive": {"algorithm": "grpo", "demonstration_loss": "naive", **DEMOS},
+    "sft_gvpo": {"algorithm": "gvpo"},  # GVPO for STEPS - SFT_STEPS steps from the SFT model
+}
+CONTINUED = ("gvpo_demos", "grpo_luffy")
+LABELS = {"gvpo": "GVPO (on-policy)", "gvpo_demos": "GVPO + demos", "grpo": "GRPO (on-policy)",
+          "grpo_luffy": "GRPO + demos, LUFFY-style", "grpo_naive": "GRPO + demos, naive",
+          "sft_gvpo": "SFT on demos, then GVPO"}
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _train(settings: dict, log: Path) -> None:
+    cmd = [sys.executable, "-m", "gvpo.cli", "train", *[f"{k}={v}" for k, v in settings.items()]]
+    with open(log, "w") as f:
+        subprocess.run(cmd, env=_env(), stdout=f, stderr=subprocess.STDOUT, check=True)
+
+
+def _one(task: str, arm: str, seed: int) -> str:
+    out = ROOT / task / arm / f"s{seed}"
+    if (out / "summary.json").exists():
+        return f"skip {out}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {**COMMON, **ARMS[arm], "task": task, "seed": seed, "output_dir": str(out),
+                "max_completion_length": BUDGET[task]}
+    if arm == "sft_gvpo":
+        sft_dir = ROOT / task / "sft" / f"s{seed}"
+        seconds = sft(task, seed, sft_dir, settings["prompts_per_step"])
+        settings.update(model_name_or_path=str(sft_dir), max_steps=STEPS - SFT_STEPS)
+        (out.parent / f"s{seed}.sft_seconds").write_text(str(seconds))
+    _train(settings, out.parent / f"s{seed}.log")
+    return f"done {out}"
+
+
+def _continue(task: str, arm: str, seed: int) -> str:
+    """The final checkpoint of a demonstration run, trained CONTINUE more steps with d = 0."""
+    src, out = ROOT / task / arm / f"s{seed}", ROOT / task / f"{arm}_off" / f"s{seed}"
+    if (out / "summary.json").exists() or not (src / "summary.json").exists():
+        return f"skip {out}"
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, out)
+    (out / "summary.json").unlink()
+    settings = {**COMMON, **ARMS[arm], "task": task, "seed": seed, "output_dir": str(out),
+                "max_completion_length": BUDGET[task], "max_steps": STEPS + CONTINUE, "demonstrations_per_group": 0,
+                "resume": "true"}
+    _train(settings, out.parent / f"s{seed}.log")
+    return f"done {out}"
+
+
+def sft(task: str, seed: int, out: Path, batch: int) -> float:
+    """SFT of the default model on SFT_STEPS x batch demonstrations (token-mean NLL, AdamW as the RL runs: lr 1e-4,
+    betas (0.9, 0.99), grad clip 1), saved to ``out``. Returns the seconds it took."""
+    import time
+
+    import torch
+
+    from gvpo.modeling import load_model_and_tokenizer
+    from gvpo.tasks import make_dataset
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    clock = time.perf_counter()
+    model, tok = load_model_and_tokenizer("default", "float32", False)
+    rows = make_dataset(task, "train", SFT_STEPS * batch, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
+    model.train()
+    for step in range(SFT_STEPS):
+        chunk = rows[step * batch:(step + 1) * batch]
+        seqs, labels = [], []
+        for r in chunk:
+            p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+            c = tok(r["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            seqs.append(p + c)
+            labels.append([-100] * len(p) + c)
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+        lab = torch.tensor([s + [-100] * (width - len(s)) for s in labels])
+        att = (torch.arange(width)[None] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return time.perf_counter() - clock
+
+
+def _safe(fn, *args) -> str:
+    try:
+        return fn(*args)
+    except Exception as e:  # one failed run must not stop the sweep; its log says why
+        return f"FAILED {args}: {type(e).__name__}: {e}"
+
+
+def run(tasks, seeds, jobs):
+    with ThreadPoolExecutor(jobs) as pool:
+        for seed in seeds:
+            futures = [pool.submit(_safe, _one, task, arm, seed) for task in tasks for arm in ARMS]
+            for f in futures:
+                print(f.result(), flush=True)
+            futures = [pool.submit(_safe, _continue, task, arm, seed) for task in tasks for arm in CONTINUED]
+            for f in futures:
+                print(f.result(), flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def _load(task, arm):
+    runs = {}
+    for d in sorted((ROOT / task / arm).glob("s*")):
+        if not (d / "summary.json").exists():
+            continue
+        log = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        runs[int(d.name[1:])] = {"summary": json.loads((d / "summary.json").read_text()), "log": log}
+    return runs
+
+
+def _curve(run, offset=0):
+    return [(r["step"] + offset, r["eval_accuracy"]) for r in run["log"] if "eval_accuracy" in r]
+
+
+def _step_seconds(run):
+    secs = [r["step_seconds"] for r in run["log"] if "step_seconds" in r]
+    return statistics.median(secs) if secs else float("nan")
+
+
+def _fmt(values):
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} +/- {statistics.stdev(values):.3f}"
+
+
+def report(tasks, out_dir: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for task in tasks:
+        data = {arm: _load(task, arm) for arm in list(ARMS) + [f"{a}_off" for a in CONTINUED]}
+        lines += [f"### {task}", "", "| arm | seeds | initial | final (step 40) | median s/step |", "|---|---|---|---|---|"]
+        for arm in ARMS:
+            runs = data[arm]
+            finals = [r["summary"]["final_accuracy"] for r in runs.values()]
+            initial = [_curve(r)[0][1] for r in runs.values()] if arm != "sft_gvpo" else \
+                [r["summary"]["initial_accuracy"] for r in runs.values()]
+            lines.append(f"| {LABELS[arm]} | {sorted(runs)} | {_fmt(initial)} | {_fmt(finals)} | "
+                         f"{_fmt([_step_seconds(r) for r in runs.values()])} |")
+        lines += ["", "Initial of SFT-then-GVPO = after SFT, before its GVPO steps.", ""]
+        # Paired by seed: each arm minus the on-policy GVPO run of the same seed.
+        base = data["gvpo"]
+        lines += ["| arm - GVPO (on-policy), same seed | pairs | mean diff +/- sd | per seed |", "|---|---|---|---|"]
+        for arm in ARMS:
+            if arm == "gvpo":
+                continue
+            seeds = sorted(set(base) & set(data[arm]))
+            diffs = [data[arm][s]["summary"]["final_accuracy"] - base[s]["summary"]["final_accuracy"] for s in seeds]
+            lines.append(f"| {LABELS[arm]} | {len(seeds)} | {_fmt(diffs)} | "
+                         f"{', '.join(f'{d:+.3f}' for d in diffs)} |")
+        luffy, gd = data["grpo_luffy"], data["gvpo_demos"]
+        seeds = sorted(set(luffy) & set(gd))
+        diffs = [gd[s]["summary"]["final_accuracy"] - luffy[s]["summary"]["final_accuracy"] for s in seeds]
+        lines += [f"| GVPO + demos - LUFFY-style GRPO | {len(seeds)} | {_fmt(diffs)} | "
+                  f"{', '.join(f'{d:+.3f}' for d in diffs)} |", ""]
+        lines += [f"Continuing without demonstrations ({CONTINUE} more steps, d = 0):", "",
+                  "| arm | seeds | at step 40 (with demos) | at step 60 (after 20 steps without) |", "|---|---|---|---|"]
+        for arm in CONTINUED:
+            off = data[f"{arm}_off"]
+            seeds = sorted(set(off) & set(data[arm]))
+            lines.append(f"| {LABELS[arm]} | {seeds} | "
+                         f"{_fmt([data[arm][s]['summary']['final_accuracy'] for s in seeds])} | "
+                         f"{_fmt([off[s]['summary']['final_accuracy'] for s in seeds])} |")
+        lines.append("")
+        _plot(plt, task, data, out_dir)
+    (out_dir / "tables.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _plot(plt, task, data, out_dir):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for arm, runs in data.items():
+        if not runs or arm.endswith("_off"):
+            continue
+        offset = SFT_STEPS if arm == "sft_gvpo" else 0
+        steps = sorted({s for r in runs.values() for s, _ in _curve(r, offset)})
+        means = [statistics.mean(a for r in runs.values() for s2, a in _curve(r, offset) if s2 == s) for s in steps]
+        line, = axes[0].plot(steps, means, marker="o", label=f"{LABELS[arm]} (n={len(runs)})")
+        for r in runs.values():
+            xs, ys = zip(*_curve(r, offset))
+            axes[0].plot(xs, ys, color=line.get_color(), alpha=0.2, lw=0.8)
+        # Wall-clock: evaluation points at the median step time x step (training time only, shared machine).
+        sec = statistics.median(_step_seconds(r) for r in runs.values())
+        axes[1].plot([s * sec for s in steps], means, marker="o", color=line.get_color(), label=LABELS[arm])
+    axes[0].set(xlabel="training step (SFT arm: SFT steps first)", ylabel="held-out greedy accuracy",
+                title=f"{task}: accuracy vs steps (mean, thin: seeds)")
+    axes[1].set(xlabel="training seconds (median s/step x step; shared 2-core machine)",
+                title=f"{task}: accuracy vs training time")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{task}.png", dpi=90)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("--tasks", default="arithmetic_long,arithmetic_hard")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", default="docs/demonstrations")
+    args = parser.parse_args()
+    tasks = args.tasks.split(",")
+    if args.command == "run":
+        run(tasks, [int(s) for s in args.seeds.split(",")], args.jobs)
+    else:
+        report(tasks, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
