@@ -3,15 +3,18 @@ and SFT on the demonstrations followed by GVPO.
 
     python experiments/demonstrations.py run    [--tasks arithmetic_long,arithmetic_hard] [--seeds 0,1,2] [--jobs 2]
     python experiments/demonstrations.py report [--out docs/demonstrations]
+    python experiments/demonstrations.py base       # the base model's accuracy on both tasks
 
 `run` trains every arm below for every seed and task (`gvpo train` in subprocesses, `--jobs` at a time, one torch
 thread each; seeds outermost, so a sweep cut short still has whole seeds to pair), skipping runs whose
 summary.json exists, into runs/demonstrations/<task>/<arm>/s<seed>. `report` writes the Markdown tables and
 PNG plots of docs/demonstrations.md.
 
-Regime: 16 prompts x k = 8 per step, 4 mini-batch updates per batch (as the authors' script, so beta and the
-baselines' clipping act), pi_theta' = the policy that generated the batch, lr 1e-4 (the default), demos: d = 1
-demonstration + 7 samples per group (LUFFY's 7 + 1). The `_off` arms continue a demonstration run's final
+Regime (sized to finish on a shared 2-core machine): 8 prompts x k = 8 per step, 2 mini-batch updates per batch
+(so beta and the baselines' clipping act; the authors' script uses 4), pi_theta' = the policy that generated
+the batch, lr 1e-4 (the default), 40 steps, held-out greedy accuracy on 100 test problems every 10 steps;
+demos: d = 1 demonstration + 7 samples per group (LUFFY's 7 + 1). SFT arm: 20 SFT steps of 8 demonstrations,
+then 20 GVPO steps. The `_off` arms continue a demonstration run's final
 checkpoint for CONTINUE more steps without demonstrations (does what was learned survive on-policy?).
 """
 
@@ -28,9 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path("runs/demonstrations")
-STEPS, CONTINUE, SFT_STEPS = 40, 20, 20
-COMMON = {"max_steps": STEPS, "eval_steps": 10, "num_eval": 100, "save_steps": 0, "progress_bar": "false",
-          "prompts_per_step": 16, "num_generations": 8, "num_mini_batches": 4}
+# Steps per task (sized to the shared machine: see the module docstring); SFT arm: half SFT, half GVPO.
+STEPS = {"arithmetic_long": 40, "arithmetic_hard": 30}
+CONTINUE = 20
+COMMON = { "eval_steps": 10, "num_eval": 100, "save_steps": 0, "progress_bar": "false",
+          "prompts_per_step": 8, "num_generations": 8, "num_mini_batches": 2}
 BUDGET = {"arithmetic_hard": 56, "arithmetic_long": 68}  # longest worked solution + EOS fits
 DEMOS = {"demonstration_column": "solution", "demonstrations_per_group": 1}
 ARMS = {
@@ -39,9 +44,10 @@ ARMS = {
     "grpo": {"algorithm": "grpo"},
     "grpo_luffy": {"algorithm": "grpo", "demonstration_loss": "luffy", **DEMOS},
     "grpo_naive": {"algorithm": "grpo", "demonstration_loss": "naive", **DEMOS},
-    "sft_gvpo": {"algorithm": "gvpo"},  # GVPO for STEPS - SFT_STEPS steps from the SFT model
+    "sft_gvpo": {"algorithm": "gvpo"},  # half the steps SFT, then GVPO from the SFT model
 }
 CONTINUED = ("gvpo_demos", "grpo_luffy")
+CONTINUED_TASKS = ("arithmetic_long",)  # over-imitation is measured where demonstrations matter most
 LABELS = {"gvpo": "GVPO (on-policy)", "gvpo_demos": "GVPO + demos", "grpo": "GRPO (on-policy)",
           "grpo_luffy": "GRPO + demos, LUFFY-style", "grpo_naive": "GRPO + demos, naive",
           "sft_gvpo": "SFT on demos, then GVPO"}
@@ -63,11 +69,11 @@ def _one(task: str, arm: str, seed: int) -> str:
         return f"skip {out}"
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {**COMMON, **ARMS[arm], "task": task, "seed": seed, "output_dir": str(out),
-                "max_completion_length": BUDGET[task]}
+                "max_completion_length": BUDGET[task], "max_steps": STEPS[task]}
     if arm == "sft_gvpo":
         sft_dir = ROOT / task / "sft" / f"s{seed}"
-        seconds = sft(task, seed, sft_dir, settings["prompts_per_step"])
-        settings.update(model_name_or_path=str(sft_dir), max_steps=STEPS - SFT_STEPS)
+        seconds = sft(task, seed, sft_dir, settings["prompts_per_step"], STEPS[task] // 2)
+        settings.update(model_name_or_path=str(sft_dir), max_steps=STEPS[task] - STEPS[task] // 2)
         (out.parent / f"s{seed}.sft_seconds").write_text(str(seconds))
     _train(settings, out.parent / f"s{seed}.log")
     return f"done {out}"
@@ -84,14 +90,14 @@ def _continue(task: str, arm: str, seed: int) -> str:
     shutil.copytree(src, out)
     (out / "summary.json").unlink()
     settings = {**COMMON, **ARMS[arm], "task": task, "seed": seed, "output_dir": str(out),
-                "max_completion_length": BUDGET[task], "max_steps": STEPS + CONTINUE, "demonstrations_per_group": 0,
+                "max_completion_length": BUDGET[task], "max_steps": STEPS[task] + CONTINUE, "demonstrations_per_group": 0,
                 "resume": "true"}
     _train(settings, out.parent / f"s{seed}.log")
     return f"done {out}"
 
 
-def sft(task: str, seed: int, out: Path, batch: int) -> float:
-    """SFT of the default model on SFT_STEPS x batch demonstrations (token-mean NLL, AdamW as the RL runs: lr 1e-4,
+def sft(task: str, seed: int, out: Path, batch: int, steps: int) -> float:
+    """SFT of the default model on steps x batch demonstrations (token-mean NLL, AdamW as the RL runs: lr 1e-4,
     betas (0.9, 0.99), grad clip 1), saved to ``out``. Returns the seconds it took."""
     import time
 
@@ -104,10 +110,10 @@ def sft(task: str, seed: int, out: Path, batch: int) -> float:
     torch.manual_seed(seed)
     clock = time.perf_counter()
     model, tok = load_model_and_tokenizer("default", "float32", False)
-    rows = make_dataset(task, "train", SFT_STEPS * batch, seed=seed)
+    rows = make_dataset(task, "train", steps * batch, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
     model.train()
-    for step in range(SFT_STEPS):
+    for step in range(steps):
         chunk = rows[step * batch:(step + 1) * batch]
         seqs, labels = [], []
         for r in chunk:
@@ -131,6 +137,35 @@ def sft(task: str, seed: int, out: Path, batch: int) -> float:
     return time.perf_counter() - clock
 
 
+def base(tasks, n=200, samples=8):
+    """The embedded base model on each task's held-out problems: greedy accuracy on n, and the share of
+    correct samples at temperature 1 (samples per problem, first n // 2 problems)."""
+    import torch
+
+    from gvpo.modeling import load_model_and_tokenizer
+    from gvpo.rollout import make_engine
+    from gvpo.tasks import arithmetic_reward, make_dataset
+    from gvpo.types import SamplingParams
+
+    torch.set_num_threads(1)
+    model, tok = load_model_and_tokenizer("default", "float32", False)
+    engine = make_engine("fast", model, tok)
+    for task in tasks:
+        rows = make_dataset(task, "test", n, seed=0)
+        ids = [tok(r["prompt"])["input_ids"] for r in rows]
+        greedy = engine.generate(ids, 1, SamplingParams(max_new_tokens=BUDGET[task], temperature=0.0))
+        texts = tok.batch_decode(greedy.token_lists(), skip_special_tokens=True)
+        acc = sum(arithmetic_reward(None, texts, [r["answer"] for r in rows])) / n
+        sampled = engine.generate(ids[:n // 2], samples, SamplingParams(max_new_tokens=BUDGET[task], temperature=1.0),
+                                  torch.Generator().manual_seed(0))
+        texts = tok.batch_decode(sampled.token_lists(), skip_special_tokens=True)
+        gold = [rows[i]["answer"] for i in sampled.prompt_index.tolist()]
+        rate = sum(arithmetic_reward(None, texts, gold)) / len(texts)
+        print(f"{task}: greedy {acc:.3f} on {n} held-out problems; sampled (T=1) {rate:.4f} of {len(texts)}; "
+              f"example: {rows[0]['prompt']} -> {tok.decode(greedy.token_lists()[0], skip_special_tokens=True)!r} "
+              f"(gold {rows[0]['solution']!r})")
+
+
 def _safe(fn, *args) -> str:
     try:
         return fn(*args)
@@ -139,14 +174,20 @@ def _safe(fn, *args) -> str:
 
 
 def run(tasks, seeds, jobs):
+    """Task by task (the near-zero task first), seed by seed within a task; continuations right after a seed."""
     with ThreadPoolExecutor(jobs) as pool:
-        for seed in seeds:
-            futures = [pool.submit(_safe, _one, task, arm, seed) for task in tasks for arm in ARMS]
-            for f in futures:
-                print(f.result(), flush=True)
-            futures = [pool.submit(_safe, _continue, task, arm, seed) for task in tasks for arm in CONTINUED]
-            for f in futures:
-                print(f.result(), flush=True)
+        for task in tasks:
+            for seed in seeds:
+                futures = [pool.submit(_safe, _one, task, arm, seed) for arm in ARMS]
+                if task in CONTINUED_TASKS:
+                    futures += [pool.submit(_safe, _continue, task, arm, seed) for arm in CONTINUED]
+                for f in futures:
+                    print(f.result(), flush=True)
+        # A continuation whose source run was still going when it was submitted was skipped: retry.
+        futures = [pool.submit(_safe, _continue, task, arm, seed) for task in tasks if task in CONTINUED_TASKS
+                   for seed in seeds for arm in CONTINUED]
+        for f in futures:
+            print(f.result(), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +231,7 @@ def report(tasks, out_dir: Path):
     lines = []
     for task in tasks:
         data = {arm: _load(task, arm) for arm in list(ARMS) + [f"{a}_off" for a in CONTINUED]}
-        lines += [f"### {task}", "", "| arm | seeds | initial | final (step 40) | median s/step |", "|---|---|---|---|---|"]
+        lines += [f"### {task}", "", f"| arm | seeds | initial | final (step {STEPS[task]}) | median s/step |", "|---|---|---|---|---|"]
         for arm in ARMS:
             runs = data[arm]
             finals = [r["summary"]["final_accuracy"] for r in runs.values()]
@@ -215,7 +256,7 @@ def report(tasks, out_dir: Path):
         lines += [f"| GVPO + demos - LUFFY-style GRPO | {len(seeds)} | {_fmt(diffs)} | "
                   f"{', '.join(f'{d:+.3f}' for d in diffs)} |", ""]
         lines += [f"Continuing without demonstrations ({CONTINUE} more steps, d = 0):", "",
-                  "| arm | seeds | at step 40 (with demos) | at step 60 (after 20 steps without) |", "|---|---|---|---|"]
+                  f"| arm | seeds | at step {STEPS[task]} (with demos) | at step {STEPS[task] + CONTINUE} (after {CONTINUE} steps without) |", "|---|---|---|---|"]
         for arm in CONTINUED:
             off = data[f"{arm}_off"]
             seeds = sorted(set(off) & set(data[arm]))
@@ -233,7 +274,7 @@ def _plot(plt, task, data, out_dir):
     for arm, runs in data.items():
         if not runs or arm.endswith("_off"):
             continue
-        offset = SFT_STEPS if arm == "sft_gvpo" else 0
+        offset = STEPS[task] // 2 if arm == "sft_gvpo" else 0
         steps = sorted({s for r in runs.values() for s, _ in _curve(r, offset)})
         means = [statistics.mean(a for r in runs.values() for s2, a in _curve(r, offset) if s2 == s) for s in steps]
         line, = axes[0].plot(steps, means, marker="o", label=f"{LABELS[arm]} (n={len(runs)})")
@@ -255,7 +296,7 @@ def _plot(plt, task, data, out_dir):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("command", choices=["run", "report", "base"])
     parser.add_argument("--tasks", default="arithmetic_long,arithmetic_hard")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2)
@@ -264,6 +305,8 @@ def main():
     tasks = args.tasks.split(",")
     if args.command == "run":
         run(tasks, [int(s) for s in args.seeds.split(",")], args.jobs)
+    elif args.command == "base":
+        base(tasks)
     else:
         report(tasks, Path(args.out))
 

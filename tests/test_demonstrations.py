@@ -268,3 +268,29 @@ def test_bad_demonstration_settings_say_how_to_fix(tmp_path, tiny_model_dir):
     rows = [{**r, "solution": 3} for r in ROWS]
     with pytest.raises(ValueError, match="expected a completion string or a list"):
         train(config_for(tmp_path, tiny_model_dir, demonstration_column="solution"), [exact], rows, rows[:4])
+
+
+@pytest.mark.parametrize("demonstration_loss", ["luffy", "naive"])
+def test_baselines_get_the_demonstration_mask_only_the_luffy_way(tmp_path, tiny_model_dir, monkeypatch,
+                                                                demonstration_loss):
+    import gvpo.losses
+    import gvpo.update
+
+    calls = []
+    real = gvpo.losses.grpo_loss
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("off_policy_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(gvpo.update.LOSSES, "grpo", recording)
+    seen = capture_batches(monkeypatch)
+    cfg = config_for(tmp_path, tiny_model_dir, algorithm="grpo", demonstration_loss=demonstration_loss,
+                     demonstration_column="solution", max_steps=1)
+    train(cfg, [exact], ROWS, ROWS[:4])
+    batch = seen[0][1]
+    assert len(calls) == 1 and int(batch.is_demonstration.sum()) == 6
+    if demonstration_loss == "luffy":
+        assert torch.equal(calls[0], batch.is_demonstration)
+    else:
+        assert calls[0] is None  # the naive way: demonstrations as if sampled, the usual clipped ratio
