@@ -4,6 +4,7 @@ and SFT on the demonstrations followed by GVPO.
     python experiments/demonstrations.py run    [--tasks arithmetic_long,arithmetic_hard] [--seeds 0,1,2] [--jobs 2]
     python experiments/demonstrations.py report [--out docs/demonstrations]
     python experiments/demonstrations.py base       # the base model's accuracy on both tasks
+    python experiments/demonstrations.py final_eval # final checkpoints on 400 held-out problems (+ step accuracy)
 
 `run` trains every arm below for every seed and task (`gvpo train` in subprocesses, `--jobs` at a time, one torch
 thread each; seeds outermost, so a sweep cut short still has whole seeds to pair), skipping runs whose
@@ -166,6 +167,53 @@ def base(tasks, n=200, samples=8):
               f"(gold {rows[0]['solution']!r})")
 
 
+FINAL_EVAL = 400  # held-out problems for the final checkpoints (the training-time eval uses 100: 1-point steps)
+
+
+def step_accuracy(completion: str, solution: str) -> float:
+    """Share of the gold chain's steps ("a+b=c") that the completion writes correctly at the same position:
+    partial credit that shows a chain being learned before whole answers are right."""
+    gold = solution.split(" #### ")[0].split(",")
+    got = completion.split(" #### ")[0].split(",")
+    return sum(g == c for g, c in zip(gold, got)) / len(gold)
+
+
+def final_eval(tasks, seeds):
+    """Greedy accuracy and step accuracy of every finished run's final checkpoint (and of the base model) on
+    FINAL_EVAL held-out problems, written to <run>/final_eval.json."""
+    import torch
+
+    from gvpo.modeling import load_model_and_tokenizer
+    from gvpo.rollout import make_engine
+    from gvpo.tasks import arithmetic_reward, make_dataset
+    from gvpo.types import SamplingParams
+
+    torch.set_num_threads(1)
+
+    def score(path, task):
+        model, tok = load_model_and_tokenizer(str(path), "float32", False)
+        rows = make_dataset(task, "test", FINAL_EVAL, seed=12345)
+        out = make_engine("fast", model, tok).generate([tok(r["prompt"])["input_ids"] for r in rows], 1,
+                                                       SamplingParams(max_new_tokens=BUDGET[task], temperature=0.0))
+        texts = tok.batch_decode(out.token_lists(), skip_special_tokens=True)
+        acc = sum(arithmetic_reward(None, texts, [r["answer"] for r in rows])) / len(rows)
+        steps = sum(step_accuracy(t, r["solution"]) for t, r in zip(texts, rows)) / len(rows)
+        return {"accuracy": acc, "step_accuracy": steps, "n": len(rows)}
+
+    for task in tasks:
+        base_file = ROOT / task / "base_final_eval.json"
+        if not base_file.exists():
+            base_file.write_text(json.dumps(score("default", task)))
+        for arm in list(ARMS) + [f"{a}_off" for a in CONTINUED]:
+            for seed in seeds:
+                run_dir = ROOT / task / arm / f"s{seed}"
+                if not (run_dir / "summary.json").exists() or (run_dir / "final_eval.json").exists():
+                    continue
+                last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+                (run_dir / "final_eval.json").write_text(json.dumps({**score(last, task), "checkpoint": last.name}))
+                print(f"final eval {run_dir}", flush=True)
+
+
 def _safe(fn, *args) -> str:
     try:
         return fn(*args)
@@ -200,7 +248,8 @@ def _load(task, arm):
         if not (d / "summary.json").exists():
             continue
         log = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-        runs[int(d.name[1:])] = {"summary": json.loads((d / "summary.json").read_text()), "log": log}
+        final = json.loads((d / "final_eval.json").read_text()) if (d / "final_eval.json").exists() else None
+        runs[int(d.name[1:])] = {"summary": json.loads((d / "summary.json").read_text()), "log": log, "final": final}
     return runs
 
 
@@ -213,12 +262,23 @@ def _step_seconds(run):
     return statistics.median(secs) if secs else float("nan")
 
 
-def _fmt(values):
+def _fmt(values, signed=False):
     if not values:
         return "-"
+    f = "+.3f" if signed else ".3f"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} +/- {statistics.stdev(values):.3f}"
+        return format(values[0], f)
+    return f"{format(statistics.mean(values), f)} +/- {statistics.stdev(values):.3f}"
+
+
+def _metric(run, key):
+    """From the 400-problem final evaluation (None until `final_eval` has run)."""
+    return run["final"][key] if run["final"] else None
+
+
+def _paired(a: dict, b: dict, key: str) -> tuple[list[int], list[float]]:
+    seeds = [s for s in sorted(set(a) & set(b)) if _metric(a[s], key) is not None and _metric(b[s], key) is not None]
+    return seeds, [_metric(a[s], key) - _metric(b[s], key) for s in seeds]
 
 
 def report(tasks, out_dir: Path):
@@ -231,39 +291,48 @@ def report(tasks, out_dir: Path):
     lines = []
     for task in tasks:
         data = {arm: _load(task, arm) for arm in list(ARMS) + [f"{a}_off" for a in CONTINUED]}
-        lines += [f"### {task}", "", f"| arm | seeds | initial | final (step {STEPS[task]}) | median s/step |", "|---|---|---|---|---|"]
+        base_file = ROOT / task / "base_final_eval.json"
+        base = json.loads(base_file.read_text()) if base_file.exists() else None
+        lines += [f"### {task}", "",
+                  f"Base model on the {FINAL_EVAL} final-evaluation problems: " + (
+                      f"accuracy {base['accuracy']:.3f}, step accuracy {base['step_accuracy']:.3f}" if base else "-"),
+                  "", f"| arm | seeds | eval (100) at step 0 | eval (100) at step {STEPS[task]} | final accuracy "
+                  f"({FINAL_EVAL}) | final step accuracy ({FINAL_EVAL}) | median s/step |", "|---|---|---|---|---|---|---|"]
         for arm in ARMS:
-            runs = data[arm]
-            finals = [r["summary"]["final_accuracy"] for r in runs.values()]
-            initial = [_curve(r)[0][1] for r in runs.values()] if arm != "sft_gvpo" else \
-                [r["summary"]["initial_accuracy"] for r in runs.values()]
-            lines.append(f"| {LABELS[arm]} | {sorted(runs)} | {_fmt(initial)} | {_fmt(finals)} | "
-                         f"{_fmt([_step_seconds(r) for r in runs.values()])} |")
-        lines += ["", "Initial of SFT-then-GVPO = after SFT, before its GVPO steps.", ""]
-        # Paired by seed: each arm minus the on-policy GVPO run of the same seed.
-        base = data["gvpo"]
-        lines += ["| arm - GVPO (on-policy), same seed | pairs | mean diff +/- sd | per seed |", "|---|---|---|---|"]
-        for arm in ARMS:
-            if arm == "gvpo":
-                continue
-            seeds = sorted(set(base) & set(data[arm]))
-            diffs = [data[arm][s]["summary"]["final_accuracy"] - base[s]["summary"]["final_accuracy"] for s in seeds]
-            lines.append(f"| {LABELS[arm]} | {len(seeds)} | {_fmt(diffs)} | "
-                         f"{', '.join(f'{d:+.3f}' for d in diffs)} |")
-        luffy, gd = data["grpo_luffy"], data["gvpo_demos"]
-        seeds = sorted(set(luffy) & set(gd))
-        diffs = [gd[s]["summary"]["final_accuracy"] - luffy[s]["summary"]["final_accuracy"] for s in seeds]
-        lines += [f"| GVPO + demos - LUFFY-style GRPO | {len(seeds)} | {_fmt(diffs)} | "
-                  f"{', '.join(f'{d:+.3f}' for d in diffs)} |", ""]
-        lines += [f"Continuing without demonstrations ({CONTINUE} more steps, d = 0):", "",
-                  f"| arm | seeds | at step {STEPS[task]} (with demos) | at step {STEPS[task] + CONTINUE} (after {CONTINUE} steps without) |", "|---|---|---|---|"]
-        for arm in CONTINUED:
-            off = data[f"{arm}_off"]
-            seeds = sorted(set(off) & set(data[arm]))
-            lines.append(f"| {LABELS[arm]} | {seeds} | "
-                         f"{_fmt([data[arm][s]['summary']['final_accuracy'] for s in seeds])} | "
-                         f"{_fmt([off[s]['summary']['final_accuracy'] for s in seeds])} |")
+            runs = data[arm].values()
+            initial = [_curve(r)[0][1] for r in runs]
+            lines.append(f"| {LABELS[arm]} | {sorted(data[arm])} | {_fmt(initial)} | "
+                         f"{_fmt([r['summary']['final_accuracy'] for r in runs])} | "
+                         f"{_fmt([v for r in runs if (v := _metric(r, 'accuracy')) is not None])} | "
+                         f"{_fmt([v for r in runs if (v := _metric(r, 'step_accuracy')) is not None])} | "
+                         f"{_fmt([_step_seconds(r) for r in runs])} |")
+        lines += ["", "SFT-then-GVPO: its step-0 evaluation is after SFT; its s/step is the GVPO part only.", "",
+                  f"Paired by seed, on the {FINAL_EVAL}-problem final evaluation:", "",
+                  "| comparison | pairs | accuracy diff | per seed | step-accuracy diff | per seed |",
+                  "|---|---|---|---|---|---|"]
+        pairs = [(arm, "gvpo") for arm in ARMS if arm != "gvpo"] + [("gvpo_demos", "grpo_luffy"),
+                                                                    ("gvpo_demos", "grpo_naive"),
+                                                                    ("gvpo_demos", "sft_gvpo")]
+        for a, b in pairs:
+            seeds, acc = _paired(data[a], data[b], "accuracy")
+            _, step = _paired(data[a], data[b], "step_accuracy")
+            lines.append(f"| {LABELS[a]} - {LABELS[b]} | {len(seeds)} | {_fmt(acc, True)} | "
+                         f"{', '.join(f'{d:+.3f}' for d in acc)} | {_fmt(step, True)} | "
+                         f"{', '.join(f'{d:+.3f}' for d in step)} |")
         lines.append("")
+        if task in CONTINUED_TASKS:
+            lines += [f"Continuing without demonstrations ({CONTINUE} more steps, d = 0), {FINAL_EVAL}-problem "
+                      "evaluation (accuracy / step accuracy):", "",
+                      f"| arm | seeds | at step {STEPS[task]} (with demos) | at step {STEPS[task] + CONTINUE} |",
+                      "|---|---|---|---|"]
+            for arm in CONTINUED:
+                off = data[f"{arm}_off"]
+                seeds, _ = _paired(off, data[arm], "accuracy")
+                cell = lambda runs, k: _fmt([_metric(runs[s], k) for s in seeds])  # noqa: E731
+                lines.append(f"| {LABELS[arm]} | {seeds} | {cell(data[arm], 'accuracy')} / "
+                             f"{cell(data[arm], 'step_accuracy')} | {cell(off, 'accuracy')} / "
+                             f"{cell(off, 'step_accuracy')} |")
+            lines.append("")
         _plot(plt, task, data, out_dir)
     (out_dir / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -296,7 +365,7 @@ def _plot(plt, task, data, out_dir):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["run", "report", "base"])
+    parser.add_argument("command", choices=["run", "report", "base", "final_eval"])
     parser.add_argument("--tasks", default="arithmetic_long,arithmetic_hard")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2)
@@ -307,6 +376,8 @@ def main():
         run(tasks, [int(s) for s in args.seeds.split(",")], args.jobs)
     elif args.command == "base":
         base(tasks)
+    elif args.command == "final_eval":
+        final_eval(tasks, [int(s) for s in args.seeds.split(",")])
     else:
         report(tasks, Path(args.out))
 
