@@ -339,7 +339,7 @@ def report(tasks, out_dir: Path):
 
 
 def _plot(plt, task, data, out_dir):
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for arm, runs in data.items():
         if not runs or arm.endswith("_off"):
             continue
@@ -358,6 +358,20 @@ def _plot(plt, task, data, out_dir):
     axes[1].set(xlabel="training seconds (median s/step x step; shared 2-core machine)",
                 title=f"{task}: accuracy vs training time")
     axes[0].legend(fontsize=7)
+    # Final checkpoints on FINAL_EVAL problems: accuracy and step accuracy per arm, one dot per seed.
+    arms = [a for a in data if data[a]]
+    for j, key in enumerate(("accuracy", "step_accuracy")):
+        for i, arm in enumerate(arms):
+            values = [_metric(r, key) for r in data[arm].values() if _metric(r, key) is not None]
+            x = i + (0.2 if j else -0.2)
+            axes[2].scatter([x] * len(values), values, marker="o" if j else "s", color="C1" if j else "C0", s=18,
+                            label=None if i else ("step accuracy" if j else "accuracy"))
+            if values:
+                axes[2].hlines(statistics.mean(values), x - 0.15, x + 0.15, color="k", lw=1)
+    axes[2].set_xticks(range(len(arms)), [LABELS.get(a, a.replace("_off", "") + " then d=0").replace(", ", "\n")
+                                          for a in arms], rotation=60, fontsize=6)
+    axes[2].set(title=f"{task}: final checkpoints, {FINAL_EVAL} held-out problems")
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / f"{task}.png", dpi=90)
     plt.close(fig)
