@@ -46,12 +46,14 @@ ARMS = {
     "grpo_luffy": {"algorithm": "grpo", "demonstration_loss": "luffy", **DEMOS},
     "grpo_naive": {"algorithm": "grpo", "demonstration_loss": "naive", **DEMOS},
     "sft_gvpo": {"algorithm": "gvpo"},  # half the steps SFT, then GVPO from the SFT model
+    # The closest to LUFFY's released script: no std normalisation, token losses summed / a constant.
+    "dr_grpo_luffy": {"algorithm": "dr_grpo", "demonstration_loss": "luffy", **DEMOS},
 }
 CONTINUED = ("gvpo_demos", "grpo_luffy")
 CONTINUED_TASKS = ("arithmetic_long",)  # over-imitation is measured where demonstrations matter most
 LABELS = {"gvpo": "GVPO (on-policy)", "gvpo_demos": "GVPO + demos", "grpo": "GRPO (on-policy)",
           "grpo_luffy": "GRPO + demos, LUFFY-style", "grpo_naive": "GRPO + demos, naive",
-          "sft_gvpo": "SFT on demos, then GVPO"}
+          "sft_gvpo": "SFT on demos, then GVPO", "dr_grpo_luffy": "Dr. GRPO + demos, LUFFY-style"}
 
 
 def _env():
@@ -212,6 +214,10 @@ def final_eval(tasks, seeds):
                 last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
                 (run_dir / "final_eval.json").write_text(json.dumps({**score(last, task), "checkpoint": last.name}))
                 print(f"final eval {run_dir}", flush=True)
+        for seed in seeds:  # the SFT model itself, before its GVPO steps
+            sft_dir = ROOT / task / "sft" / f"s{seed}"
+            if (sft_dir / "config.json").exists() and not (sft_dir / "final_eval.json").exists():
+                (sft_dir / "final_eval.json").write_text(json.dumps(score(sft_dir, task)))
 
 
 def _safe(fn, *args) -> str:
@@ -245,6 +251,10 @@ def run(tasks, seeds, jobs):
 def _load(task, arm):
     runs = {}
     for d in sorted((ROOT / task / arm).glob("s*")):
+        if arm == "sft":  # the SFT model: no training log, only its final evaluation
+            if (d / "final_eval.json").exists():
+                runs[int(d.name[1:])] = {"summary": {}, "log": [], "final": json.loads((d / "final_eval.json").read_text())}
+            continue
         if not (d / "summary.json").exists():
             continue
         log = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
@@ -291,6 +301,7 @@ def report(tasks, out_dir: Path):
     lines = []
     for task in tasks:
         data = {arm: _load(task, arm) for arm in list(ARMS) + [f"{a}_off" for a in CONTINUED]}
+        sft_only = _load(task, "sft")
         base_file = ROOT / task / "base_final_eval.json"
         base = json.loads(base_file.read_text()) if base_file.exists() else None
         lines += [f"### {task}", "",
@@ -306,14 +317,20 @@ def report(tasks, out_dir: Path):
                          f"{_fmt([v for r in runs if (v := _metric(r, 'accuracy')) is not None])} | "
                          f"{_fmt([v for r in runs if (v := _metric(r, 'step_accuracy')) is not None])} | "
                          f"{_fmt([_step_seconds(r) for r in runs])} |")
+        lines.append(f"| SFT only (the SFT-then-GVPO arm before its GVPO steps) | {sorted(sft_only)} | - | - | "
+                     f"{_fmt([_metric(r, 'accuracy') for r in sft_only.values()])} | "
+                     f"{_fmt([_metric(r, 'step_accuracy') for r in sft_only.values()])} | - |")
         lines += ["", "SFT-then-GVPO: its step-0 evaluation is after SFT; its s/step is the GVPO part only.", "",
                   f"Paired by seed, on the {FINAL_EVAL}-problem final evaluation:", "",
                   "| comparison | pairs | accuracy diff | per seed | step-accuracy diff | per seed |",
                   "|---|---|---|---|---|---|"]
         pairs = [(arm, "gvpo") for arm in ARMS if arm != "gvpo"] + [("gvpo_demos", "grpo_luffy"),
                                                                     ("gvpo_demos", "grpo_naive"),
-                                                                    ("gvpo_demos", "sft_gvpo")]
-        for a, b in pairs:
+                                                                    ("gvpo_demos", "sft_gvpo"),
+                                                                    ("gvpo_demos", "dr_grpo_luffy")]
+        data["sft"] = sft_only
+        LABELS.setdefault("sft", "SFT only")
+        for a, b in pairs + [("gvpo_demos", "sft"), ("sft_gvpo", "sft")]:
             seeds, acc = _paired(data[a], data[b], "accuracy")
             _, step = _paired(data[a], data[b], "step_accuracy")
             lines.append(f"| {LABELS[a]} - {LABELS[b]} | {len(seeds)} | {_fmt(acc, True)} | "
@@ -333,6 +350,7 @@ def report(tasks, out_dir: Path):
                              f"{cell(data[arm], 'step_accuracy')} | {cell(off, 'accuracy')} / "
                              f"{cell(off, 'step_accuracy')} |")
             lines.append("")
+        del data["sft"]
         _plot(plt, task, data, out_dir)
     (out_dir / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
