@@ -31,7 +31,9 @@ def run(model_dir: str, out: str, steps: int, replay: int, extra: list[str] = ()
     evaluation, then one call per step)."""
     overrides = dict(arg.split("=", 1) for arg in extra)
     crash_at = int(overrides.pop("crash_at", 0))
-    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 30) for b in range(10, 20)]
+    # Two demonstrations per row (a "solution" column), so the seeded pick of one (d = 1) is exercised too.
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "solution": [f"{a}+{b}={a + b}", f"{a + b}"]}
+            for a in range(10, 30) for b in range(10, 20)]
     if replay:  # few prompts, so that they recur and find their history (on whichever rank they land)
         rows = rows[:12]
     config = load_config(None, {

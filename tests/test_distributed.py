@@ -40,11 +40,18 @@ def _launch(nproc: int, model_dir: str, out: Path, steps: int = 3, replay: int =
     return load_file(str(out / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("replay", [0, 2], ids=["fresh", "replay"])
-def test_two_processes_equal_one(tmp_path, tiny_model_dir, replay):
-    """With replay too: every rank stores every rank's responses, and the history pick is seeded per prompt."""
-    one = _launch(1, tiny_model_dir, tmp_path / "one", replay=replay)
-    two = _launch(2, tiny_model_dir, tmp_path / "two", replay=replay)
+@pytest.mark.parametrize("replay,demos", [(0, 0), (2, 1)], ids=["fresh", "replay+demos"])
+def test_two_processes_equal_one(tmp_path, tiny_model_dir, replay, demos):
+    """With replay too: every rank stores every rank's responses, and the history pick is seeded per prompt;
+    with demonstrations: each rank adds its own prompts' (whole groups), the pick among several seeded per prompt.
+    (Replay alone is the second case without its demonstrations; one launch pair fewer keeps the suite short.)"""
+    extra = ["demonstration_column=solution", f"demonstrations_per_group={demos}"] if demos else []
+    one = _launch(1, tiny_model_dir, tmp_path / "one", replay=replay, extra=extra)
+    two = _launch(2, tiny_model_dir, tmp_path / "two", replay=replay, extra=extra)
+    if demos:
+        for out in ("one", "two"):
+            log = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+            assert sum(r.get("demonstrations", 0) for r in log) > 0, "no demonstration joined: checks nothing"
     if replay:
         for out in ("one", "two"):
             log = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]

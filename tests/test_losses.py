@@ -348,3 +348,67 @@ def test_float32_matches_float64(device):
     loss32, _ = gvpo_loss(*args)
     assert loss32.dtype == torch.float32 and loss32.device.type == device
     assert loss32.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# LUFFY's regularized importance sampling for demonstrations (off_policy_mask)
+
+def _luffy_case():
+    probs = torch.tensor([[0.5, 0.2], [0.4, 0.9], [0.3, 0.6]], dtype=torch.float64)
+    logps = probs.log().requires_grad_(True)
+    mask = torch.tensor([[1, 1], [1, 1], [1, 0]])
+    rewards = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    group_ids = torch.zeros(3, dtype=torch.long)
+    off = torch.tensor([True, False, False])
+    return logps, mask, rewards, group_ids, off
+
+
+def test_grpo_luffy_demonstration_tokens_by_hand():
+    """Row 0 is a demonstration: its tokens use f(p) = p / (p + 0.1) (behaviour prob 1), the others ratio 1."""
+    logps, mask, rewards, group_ids, off = _luffy_case()
+    loss, m = grpo_loss(logps, logps.detach(), mask, rewards, group_ids, off_policy_mask=off)
+    s = (1 / 3) ** 0.5 + 1e-4  # Bessel std of [1, 0, 0], plus GRPO's 1e-4
+    a0, a1 = (2 / 3) / s, -(1 / 3) / s
+    # per-sequence means: -a0 * (0.5/0.6 + 0.2/0.3) / 2, -a1, -a1; then the mean over 3 sequences
+    expected = (-a0 * (0.5 / 0.6 + 0.2 / 0.3) / 2 - a1 - a1) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    # d/dlog p of -a0 f(p) / 2 / 3 = -a0 * gamma p / (p + gamma)^2 / 6
+    assert logps.grad[0, 0].item() == pytest.approx(-a0 * 0.1 * 0.5 / 0.6 ** 2 / 6, rel=1e-10)
+    assert logps.grad[0, 1].item() == pytest.approx(-a0 * 0.1 * 0.2 / 0.3 ** 2 / 6, rel=1e-10)
+    assert logps.grad[1, 0].item() == pytest.approx(-a1 / 2 / 3, rel=1e-10)  # on-policy: ratio 1, as GRPO
+    assert logps.grad[2, 1].item() == 0.0
+
+
+def test_dr_grpo_luffy_by_hand_and_naive_is_plain_dr_grpo():
+    logps, mask, rewards, group_ids, off = _luffy_case()
+    loss, _ = dr_grpo_loss(logps, logps.detach(), mask, rewards, group_ids, off_policy_mask=off)
+    # A = [2/3, -1/3, -1/3] (no std); token losses summed, / (B * T) = 6
+    expected = (-(2 / 3) * (0.5 / 0.6 + 0.2 / 0.3) + (1 / 3) * 2 + (1 / 3) * 1) / 6
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    loss.backward()
+    assert logps.grad[0, 1].item() == pytest.approx(-(2 / 3) * 0.1 * 0.2 / 0.3 ** 2 / 6, rel=1e-10)
+    # The naive way is no mask at all; a mask of all False is the same loss.
+    naive, _ = dr_grpo_loss(logps, logps.detach(), mask, rewards, group_ids)
+    none_off, _ = dr_grpo_loss(logps, logps.detach(), mask, rewards, group_ids, off_policy_mask=torch.zeros(3, dtype=torch.bool))
+    # ratio 1 everywhere: (-(2/3) * 2 tokens + (1/3) * 2 + (1/3) * 1) / 6
+    assert naive.item() == none_off.item() and naive.item() == pytest.approx(-1 / 18, abs=1e-12)
+
+
+def test_luffy_ignores_old_logps_of_demonstrations_and_never_clips_them():
+    logps, mask, rewards, group_ids, off = _luffy_case()
+    old = logps.detach().clone()
+    far = old.clone()
+    far[0] = far[0] - 5.0  # a ratio of e^5 would be clipped for a sampled response
+    a, ma = grpo_loss(logps, old, mask, rewards, group_ids, off_policy_mask=off)
+    b, mb = grpo_loss(logps, far, mask, rewards, group_ids, off_policy_mask=off)
+    assert a.item() == b.item() and mb["clip_fraction"].item() == 0.0
+    c, mc = grpo_loss(logps, far, mask, rewards, group_ids)  # without the mask the same row is clipped
+    assert mc["clip_fraction"].item() > 0 and c.item() != a.item()
+    # gamma changes the shaping (and must be > 0); a bad mask is named
+    d, _ = grpo_loss(logps, old, mask, rewards, group_ids, off_policy_mask=off, policy_shaping_gamma=0.5)
+    assert d.item() != a.item()
+    with pytest.raises(ValueError, match="policy_shaping_gamma"):
+        grpo_loss(logps, old, mask, rewards, group_ids, off_policy_mask=off, policy_shaping_gamma=0.0)
+    with pytest.raises(ValueError, match="off_policy_mask"):
+        grpo_loss(logps, old, mask, rewards, group_ids, off_policy_mask=torch.tensor([1, 0, 0]))

@@ -26,6 +26,7 @@ class Batch:
     # (N,) long: policy versions (training steps) between the policy that generated the row and the learner at
     # the start of the step; None = all fresh. Set by the batch source (simulated lag, async rollouts).
     lag: torch.Tensor | None = None
+    is_demonstration: torch.Tensor | None = None  # (N,) bool: a dataset demonstration (no behaviour log-probs)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -50,7 +51,8 @@ class Batch:
 
 
 def make_batch(prompt_ids: list[list[int]], rollout: Rollout, rewards: list[float], group_ids: list[int],
-               pad_token_id: int, is_replayed: list[bool] | None = None) -> Batch:
+               pad_token_id: int, is_replayed: list[bool] | None = None,
+               is_demonstration: list[bool] | None = None) -> Batch:
     """Turn a scored rollout into a batch; responses whose reward is NaN (unscorable) are dropped."""
     keep = torch.tensor([not math.isnan(r) for r in rewards], dtype=torch.bool)
     device = rollout.completion_ids.device
@@ -63,7 +65,9 @@ def make_batch(prompt_ids: list[list[int]], rollout: Rollout, rewards: list[floa
                   completion_mask=completion_mask, rewards=torch.tensor(rewards, dtype=torch.float32, device=device),
                   group_ids=torch.tensor(group_ids, dtype=torch.long, device=device),
                   behavior_logps=rollout.behavior_logps[:, :width],
-                  is_replayed=torch.tensor(is_replayed or [False] * len(rewards), dtype=torch.bool, device=device))
+                  is_replayed=torch.tensor(is_replayed or [False] * len(rewards), dtype=torch.bool, device=device),
+                  is_demonstration=torch.tensor(is_demonstration or [False] * len(rewards), dtype=torch.bool,
+                                                device=device))
     return batch if bool(keep.all()) else batch.select(keep.to(device))
 
 

@@ -72,12 +72,21 @@ class DataConfig:
     # How many synthetic training / held-out problems to generate; for files, a cap (0 = all).
     num_train: int = 20000
     num_eval: int = 200
+    # Demonstrations (gvpo.demonstrations): a column holding a completion for the prompt (or a list of them),
+    # e.g. `solution` of the built-in tasks. Each step up to demonstrations_per_group of them join their
+    # prompt's group next to num_generations - d fresh samples (the group keeps k responses), scored by the
+    # same rewards; GVPO trains on them as they are. Empty = off.
+    demonstration_column: str = ""
+    # d: demonstrations per group when demonstration_column is set (0 = off).
+    demonstrations_per_group: int = 1
 
     def __post_init__(self):
         if self.template not in ("none", "plain", "qwen_math", "chat"):
             _fail("template", self.template, "use none, plain, qwen_math or chat")
         if self.num_train < 0 or self.num_eval < 0:
             _fail("num_train/num_eval", (self.num_train, self.num_eval), "must be >= 0")
+        if self.demonstrations_per_group < 0:
+            _fail("demonstrations_per_group", self.demonstrations_per_group, "must be >= 0 (0 = no demonstrations)")
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,11 @@ class AlgorithmConfig:
     # ignoring staleness: an ablation only. Fresh rows are the same under both. GVPO takes no ratio (see
     # old_policy).
     off_policy_correction: str = "behaviour"
+    # How GRPO / Dr. GRPO treat demonstrations (GVPO needs no choice): "luffy" (LUFFY's regularized importance
+    # sampling: ratio f(pi_theta) = p / (p + policy_shaping_gamma), behaviour probability taken as 1, no
+    # clipping on demonstration tokens) or "naive" (as if sampled by pi_theta': the usual clipped ratio).
+    demonstration_loss: str = "luffy"
+    policy_shaping_gamma: float = 0.1  # LUFFY's gamma
 
     def __post_init__(self):
         if self.reward_timeout < 0:
@@ -192,6 +206,10 @@ class AlgorithmConfig:
             _fail("reward_funcs", self.reward_funcs, "name at least one reward function")
         if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
             _fail("reward_weights", self.reward_weights, f"give one weight per reward function ({len(self.reward_funcs)})")
+        if self.demonstration_loss not in ("luffy", "naive"):
+            _fail("demonstration_loss", self.demonstration_loss, "use luffy or naive")
+        if not self.policy_shaping_gamma > 0:
+            _fail("policy_shaping_gamma", self.policy_shaping_gamma, "must be > 0 (LUFFY uses 0.1)")
 
 
 @dataclass(frozen=True)
@@ -322,6 +340,17 @@ class Config:
         if self.training.simulated_policy_lag and self.rollout.rollout_workers:
             _fail("simulated_policy_lag", self.training.simulated_policy_lag,
                   "is the in-process study mode; with rollout_workers > 0 the lag is real, bounded by max_policy_lag")
+        d = self.data.demonstrations_per_group if self.data.demonstration_column else 0
+        if d and self.rollout.rollout_workers:
+            _fail("demonstration_column", self.data.demonstration_column,
+                  "demonstrations are not wired into rollout_workers > 0 yet; train with rollout_workers=0 "
+                  "(simulated_policy_lag studies staleness in-process)")
+        if d and self.algorithm.old_policy == "behaviour":
+            _fail("old_policy", self.algorithm.old_policy, "demonstrations have no behaviour log-probs (no sampler); "
+                  "use old_policy=previous (default) or initial with demonstration_column")
+        if self.replay.num_historical + d >= self.rollout.num_generations:
+            _fail("demonstrations_per_group", d, f"num_historical + demonstrations_per_group must be < num_generations "
+                  f"({self.rollout.num_generations}): each group needs a fresh response; lower one of them")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from gvpo import demonstrations
 from gvpo.replay import generate_groups, pick_history
 from gvpo.scoring import make_trainer_state, score_rollout
 from gvpo.types import Rollout, SamplingParams
@@ -32,6 +33,7 @@ class Groups:
     rewards: list[float]
     metrics: dict  # reward means (score's) and the source's own (generation time, lag, idle seconds, ...)
     history: list[list] = field(default_factory=list)  # replayed responses per prompt (local source only)
+    demos: list[list] = field(default_factory=list)  # demonstration token ids per prompt (local source only)
     lags: list[int] | None = None  # per prompt: versions between its generating policy and the learner (async)
 
 
@@ -85,11 +87,13 @@ class LocalSource:
         seeds = step_seeds(config.training.seed, step, positions)
         # k completions per prompt, or k - h next to h replayed ones.
         history = pick_history(run.replay, keys, config.replay.num_historical, step, seeds)
-        counts = [config.rollout.num_generations - len(h) for h in history]
+        demos = demonstrations.pick(rows, config, run.tokenizer, seeds)  # up to d per prompt; [] when off
+        counts = [config.rollout.num_generations - len(h) - len(d) for h, d in zip(history, demos)]
         rollout, rewards, metrics = generate_and_score(run.engine, run.tokenizer, rows, counts, run.sampling,
                                                        run.generator, seeds, run.reward_funcs, run.reward_weights,
                                                        run.trainer_state(step - 1), config.algorithm.reward_timeout)
-        return Groups(keys, positions, seeds, rollout, rewards, metrics, history)
+        return Groups(keys, positions, seeds, rollout, rewards, metrics, history,
+                      demos if demonstrations.per_group(config) else [])
 
     def publish(self, run, step: int) -> None:
         """Nothing to send: the engine samples from the live model."""

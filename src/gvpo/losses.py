@@ -187,9 +187,26 @@ def _k3_kl(logps, ref_logps):
     return torch.exp(d) - d - 1
 
 
+def _shaped_off_policy_loss(logps, advantages, gamma):
+    """LUFFY's token loss on off-policy (demonstration) tokens: -f(pi_theta) * A with f(p) = p / (p + gamma).
+
+    The importance ratio pi_theta / pi_behaviour takes the behaviour probability as 1 (LUFFY, Eq. 6-7: the
+    demonstrator's probabilities are unknown), and f re-weights it so that low-probability tokens get a large
+    gradient (d f / d log p = gamma p / (p + gamma)^2). No clipping (LUFFY clips only on-policy tokens)."""
+    p = torch.exp(logps)
+    return -(p / (p + gamma)) * advantages.unsqueeze(1)
+
+
 def _baseline_loss(logps, old_logps, mask, rewards, group_ids, *, scale, epsilon, epsilon_high, ref_logps, kl_coef,
-                   reduce):
+                   reduce, off_policy_mask=None, policy_shaping_gamma=0.1):
     _check_inputs(logps, old_logps, mask, rewards, group_ids, ref_logps)
+    if off_policy_mask is not None and (not isinstance(off_policy_mask, torch.Tensor)
+                                        or tuple(off_policy_mask.shape) != (logps.shape[0],)
+                                        or off_policy_mask.dtype != torch.bool):
+        raise ValueError(f"off_policy_mask: expected a bool tensor of shape {(logps.shape[0],)}, got "
+                         f"{_describe(off_policy_mask)}")
+    if not policy_shaping_gamma > 0:
+        raise ValueError(f"policy_shaping_gamma={policy_shaping_gamma}: must be > 0 (LUFFY uses 0.1)")
     if epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
         raise ValueError(f"epsilon={epsilon}, epsilon_high={epsilon_high}: clipping bounds must be > 0 (default 0.2)")
     if kl_coef < 0:
@@ -203,6 +220,10 @@ def _baseline_loss(logps, old_logps, mask, rewards, group_ids, *, scale, epsilon
     if scale:
         advantages = advantages / (_group_std(r, advantages, index, counts) + 1e-4)
     token_loss, is_clipped, ratio = _clipped_token_loss(logps, old_logps, advantages, epsilon, epsilon_high)
+    if off_policy_mask is not None:  # LUFFY: demonstrations' tokens get the shaped, unclipped ratio
+        off = off_policy_mask.unsqueeze(1)  # (B, 1)
+        token_loss = torch.where(off, _shaped_off_policy_loss(logps, advantages, policy_shaping_gamma), token_loss)
+        is_clipped = is_clipped & ~off
     m = mask.to(logps.dtype)
     if kl_coef > 0:
         kl = _k3_kl(logps, ref_logps)
@@ -244,6 +265,8 @@ def grpo_loss(
     epsilon_high: float | None = None,
     ref_logps: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    off_policy_mask: torch.Tensor | None = None,
+    policy_shaping_gamma: float = 0.1,
 ) -> tuple[torch.Tensor, Metrics]:
     """GRPO (Shao et al. 2024, DeepSeekMath, Eq. 3 with the outcome-supervision advantage of Sec. 4.1.2).
 
@@ -252,13 +275,19 @@ def grpo_loss(
     clipped at [1 - epsilon, 1 + epsilon_high]; token losses averaged per sequence, then over sequences.
     Optional k3 KL to ``ref_logps`` weighted by ``kl_coef`` (DeepSeekMath's beta; default 0 as in TRL).
     Singleton groups get A = 0 (their KL term still counts).
+
+    ``off_policy_mask`` (B,) bool marks responses not sampled from any known policy (demonstrations) and
+    applies LUFFY's regularized importance sampling to them (Yan et al. 2025, arXiv 2504.14945, Eq. 6-7): the
+    advantage is still computed over the whole mixed group, but their tokens' ratio is
+    f(pi_theta) = p / (p + policy_shaping_gamma) (behaviour probability 1, gamma = 0.1 as LUFFY), unclipped.
     """
 
     def per_sequence_mean(token_loss, m):
         return ((token_loss * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
 
     return _baseline_loss(logps, old_logps, mask, rewards, group_ids, scale=True, epsilon=epsilon,
-                          epsilon_high=epsilon_high, ref_logps=ref_logps, kl_coef=kl_coef, reduce=per_sequence_mean)
+                          epsilon_high=epsilon_high, ref_logps=ref_logps, kl_coef=kl_coef, reduce=per_sequence_mean,
+                          off_policy_mask=off_policy_mask, policy_shaping_gamma=policy_shaping_gamma)
 
 
 def dr_grpo_loss(
@@ -272,12 +301,17 @@ def dr_grpo_loss(
     epsilon_high: float | None = None,
     ref_logps: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    off_policy_mask: torch.Tensor | None = None,
+    policy_shaping_gamma: float = 0.1,
 ) -> tuple[torch.Tensor, Metrics]:
     """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", Eq. 3 / their Listing).
 
     Advantage A_i = R_i - mean_g R (no std: removes the question-difficulty bias); the clipped token losses of
     each sequence are summed and divided by a constant, ``max_completion_length`` (default: T), then averaged
-    over sequences (removes the length bias). Clipping and the optional KL as in :func:`grpo_loss`.
+    over sequences (removes the length bias). Clipping, the optional KL and LUFFY's ``off_policy_mask`` as in
+    :func:`grpo_loss`. Dr. GRPO + ``off_policy_mask`` is the closest to LUFFY's released recipe
+    (``grpo_use_std=False``, token losses summed and divided by a constant); it differs in the constant
+    (LUFFY divides by the response length only, per micro-batch) and has no entropy bonus (LUFFY: 0.001).
     """
     if max_completion_length is not None and max_completion_length < 1:
         raise ValueError(f"max_completion_length={max_completion_length}: must be >= 1 (the generation budget)")
@@ -287,7 +321,8 @@ def dr_grpo_loss(
         return (token_loss * m).sum() / (m.shape[0] * const)
 
     return _baseline_loss(logps, old_logps, mask, rewards, group_ids, scale=False, epsilon=epsilon,
-                          epsilon_high=epsilon_high, ref_logps=ref_logps, kl_coef=kl_coef, reduce=constant_normalised)
+                          epsilon_high=epsilon_high, ref_logps=ref_logps, kl_coef=kl_coef, reduce=constant_normalised,
+                          off_policy_mask=off_policy_mask, policy_shaping_gamma=policy_shaping_gamma)
 
 
 LOSSES = {"gvpo": gvpo_loss, "grpo": grpo_loss, "dr_grpo": dr_grpo_loss}

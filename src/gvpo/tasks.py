@@ -13,6 +13,11 @@ Tasks:
 - ``arithmetic`` (default): 3 two-digit addends. The shipped default model is pretrained on it.
 - ``arithmetic_hard``: 5 two-digit addends; longer chains, so more carries to get right. The default model
   also saw (fewer) such problems in pretraining, so it starts lower on them but not at zero.
+- ``arithmetic_long``: 6 two-digit addends, one more than the default model ever saw in pretraining (2-5).
+  The base nearly never succeeds (measured: 0.0% greedy on 200 held-out problems, 0 of 800 samples at
+  temperature 1, ``python experiments/demonstrations.py base``: it skips addends and stops the chain early), so
+  on-policy RL gets almost no signal; the ``solution`` column
+  holds worked solutions in the pretraining format, the demonstrations of ``docs/demonstrations.md``.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class ArithmeticTask:
 TASKS: dict[str, ArithmeticTask] = {
     "arithmetic": ArithmeticTask("arithmetic", num_operands=3),
     "arithmetic_hard": ArithmeticTask("arithmetic_hard", num_operands=5),
+    "arithmetic_long": ArithmeticTask("arithmetic_long", num_operands=6),
 }
 
 

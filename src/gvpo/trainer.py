@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from gvpo import checkpoint as ckpt
+from gvpo import demonstrations
 from gvpo.batch import make_batch
 from gvpo.config import Config, save_config
 from gvpo.data import encode_rows
@@ -153,6 +154,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
     train_rows, eval_rows = _read_rows(config, train_rows, eval_rows)
     funcs = [resolve_reward(f) for f in (reward_funcs or cfg_a.reward_funcs)]
     check_rewards(funcs, train_rows, eval_rows)
+    demonstrations.check(train_rows, config)
     out = Path(config.logging.output_dir)
     # Every rank checks before any rank writes, so all of them stop together on a folder that holds a run.
     earlier = ckpt.check_output_dir(out, config.checkpoint.resume, config.logging.overwrite_output_dir)
@@ -214,7 +216,7 @@ def train_step(run: Run, step: int) -> dict:
 
 def generate_batch(run: Run, step: int):
     """The ``step``-th batch: this rank's scored groups from the source (generated here now, or by rollout
-    workers), plus replayed responses. Returns (batch, metrics)."""
+    workers), plus replayed responses and demonstrations. Returns (batch, metrics)."""
     tokenizer = run.tokenizer
     groups = run.source.next(run, step)
     rollout, rewards = groups.rollout, groups.rewards
@@ -225,10 +227,16 @@ def generate_batch(run: Run, step: int):
         rollout, rewards, replayed = mix_history(run.replay, rollout, rewards, groups.history, groups.keys, step,
                                                  tokenizer.pad_token_id, run.accelerator)
         metrics.update(replayed=sum(replayed), replay_buffer_size=len(run.replay))
+    is_demo = None  # demonstrations join their prompt's group after replay (never stored in the buffer)
+    if groups.demos:
+        rollout, rewards, replayed, is_demo, demo_metrics = demonstrations.mix(
+            rollout, rewards, replayed, groups.demos, [run.train_rows[k] for k in groups.keys], run,
+            run.trainer_state(step - 1))
+        metrics.update(demo_metrics)
     # Group id = the prompt's position in the step's global batch (unique even if a prompt repeats).
     rows_of = rollout.prompt_index.tolist()
     batch = make_batch(prompt_ids, rollout, rewards, [groups.positions[p] for p in rows_of],
-                       tokenizer.pad_token_id, replayed)
+                       tokenizer.pad_token_id, replayed, is_demo)
     if groups.lags is not None:  # versions between each row's generating policy and the learner (kept rows)
         lags = [groups.lags[p] for p, r in zip(rows_of, rewards) if not math.isnan(r)]
         batch.lag = torch.tensor(lags, dtype=torch.long, device=batch.input_ids.device)

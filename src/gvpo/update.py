@@ -80,6 +80,8 @@ def ratio_denominator(old: torch.Tensor, batch: Batch, correction: str) -> torch
     if correction == "none":
         return old
     stale = batch.is_stale()
+    if batch.is_demonstration is not None:  # no sampler, no behaviour log-probs: the mode's own treatment
+        stale &= ~batch.is_demonstration
     return torch.where(stale[:, None], batch.behavior_logps, old) if bool(stale.any()) else old
 
 
@@ -88,7 +90,10 @@ def _add_behaviour_kl(sums: torch.Tensor, logps: torch.Tensor, batch: Batch) -> 
     completion tokens (sampled from pi_behaviour) of behavior_logps - logps, the current logps being the
     learner's at the start of the step. ~0 on fresh batches (numerics only)."""
     m = batch.completion_mask.to(logps.dtype)
-    sums += torch.stack([((batch.behavior_logps - logps) * m).sum().cpu(), m.sum().cpu()]).to(sums.dtype)
+    if batch.is_demonstration is not None:  # demonstrations have no behaviour log-probs (NaN)
+        m = m * (~batch.is_demonstration)[:, None].to(m.dtype)
+    behaviour = torch.nan_to_num(batch.behavior_logps)
+    sums += torch.stack([((behaviour - logps) * m).sum().cpu(), m.sum().cpu()]).to(sums.dtype)
 
 
 def _mini_batches(batch: Batch, n: int) -> list[Batch | None]:
@@ -121,6 +126,8 @@ def _loss(loss_fn, cfg_a, logps, old, micro: Batch, totals_mb: dict, world: int)
                   ref_logps=micro.ref_logps)
     if cfg_a.algorithm == "dr_grpo":
         kwargs["max_completion_length"] = micro.completion_mask.shape[1]
+    if cfg_a.demonstration_loss == "luffy" and micro.is_demonstration is not None and bool(micro.is_demonstration.any()):
+        kwargs.update(off_policy_mask=micro.is_demonstration, policy_shaping_gamma=cfg_a.policy_shaping_gamma)
     loss, m = loss_fn(*args, **kwargs)
     return loss * len(micro) * world / max(totals_mb["sequences"], 1), m
 

@@ -1,0 +1,122 @@
+"""Demonstrations inside RL groups: a dataset's worked solutions join their prompt's group.
+
+GVPO's optimum pi* = pi_theta' exp(R / beta) / Z holds for any sampler that covers pi_theta' (Corollary 3.2)
+and any group size (Corollary 3.5), so a group may mix the policy's samples with responses from anywhere.
+A demonstration therefore enters the GVPO loss as it is: no behaviour log-probs, no importance ratio. Its
+implicit reward beta * (s - o) uses pi_theta' as configured, like every other response of the group.
+
+Per step and prompt, up to ``d = demonstrations_per_group`` demonstrations are taken from the row's
+``demonstration_column`` (a string or a list of strings; a longer list is sampled without replacement,
+seeded per prompt so that any number of processes picks the same) and ``num_generations - h - d`` fresh
+samples are generated (h = replayed responses): the group keeps k responses, as LUFFY's 7 + 1 groups, so the
+training pass costs the same as without demonstrations and generation slightly less.
+
+A demonstration is tokenized as a completion: its text, then EOS (what a generated completion ends with),
+cut at ``max_completion_length`` like a generation that ran out of budget. It is scored by the same reward
+functions (a demonstration that scores None leaves its group, like any response), never stored in the replay
+buffer (it is re-read from the dataset each time), and marked ``is_demonstration``. Its behaviour log-probs
+are NaN, so any code path that used them would fail loudly instead of silently treating it as sampled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gvpo.scoring import score_rollout
+from gvpo.types import Rollout
+
+
+def per_group(config) -> int:
+    """d, the demonstrations that join each group (0 when no column is set)."""
+    return config.data.demonstrations_per_group if config.data.demonstration_column else 0
+
+
+def pick(rows: list[dict], config, tokenizer, seeds: list[int]) -> list[list[list[int]]]:
+    """Per prompt, up to d demonstrations as completion token ids (EOS appended, cut at the budget)."""
+    d = per_group(config)
+    if not d:
+        return [[] for _ in rows]
+    column = config.data.demonstration_column
+    out = []
+    for row, seed in zip(rows, seeds):
+        texts = _texts(row, column)
+        if len(texts) > d:
+            order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(_demo_seed(seed)))
+            texts = [texts[i] for i in sorted(order[:d].tolist())]
+        out.append([tokenize(t, tokenizer, config.rollout.max_completion_length) for t in texts])
+    return out
+
+
+def check(rows: list[dict], config) -> None:
+    """Every training row holds demonstrations of the right type (before anything is written or loaded)."""
+    if per_group(config):
+        for row in rows:
+            _texts(row, config.data.demonstration_column)
+
+
+def tokenize(text: str, tokenizer, max_completion_length: int) -> list[int]:
+    """A demonstration as a generated completion would be: its tokens, EOS, at most the generation budget."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids[:max_completion_length]
+
+
+def mix(rollout: Rollout, rewards: list[float], is_replayed: list[bool] | None, demos: list[list[list[int]]],
+        rows: list[dict], run, trainer_state=None) -> tuple[Rollout, list[float], list[bool], list[bool], dict]:
+    """Score the demonstrations and append them to the (fresh + replayed) rollout, each with its prompt's
+    index, so it joins exactly its own prompt's group. Returns (rollout, rewards, is_replayed,
+    is_demonstration, metrics)."""
+    from gvpo.replay import concat_rollouts
+
+    is_replayed = list(is_replayed) if is_replayed is not None else [False] * len(rewards)
+    pairs = [(p, ids) for p, group in enumerate(demos) for ids in group]
+    if not pairs:
+        return rollout, rewards, is_replayed, [False] * len(rewards), {}
+    device = rollout.completion_ids.device
+    pad = run.tokenizer.pad_token_id
+    demo_rollout = as_rollout(pairs, device, pad)
+    # Scored exactly as sampled completions are (TRL's keyword call, chat completions as messages, timeout).
+    demo_rewards, _ = score_rollout(run.reward_funcs, run.reward_weights, run.tokenizer, demo_rollout,
+                                    [rows[p] for p, _ in pairs], trainer_state, run.config.algorithm.reward_timeout)
+    scored = [r for r in demo_rewards if not math.isnan(r)]
+    budget = run.config.rollout.max_completion_length
+    metrics = {"demonstrations": len(pairs),
+               "demonstration_reward_mean": sum(scored) / len(scored) if scored else math.nan,
+               "demonstrations_truncated": sum(ids[-1] != run.tokenizer.eos_token_id and len(ids) == budget
+                                               for _, ids in pairs)}
+    mixed = concat_rollouts([rollout, demo_rollout], pad)
+    n = len(rewards)
+    return (mixed, rewards + demo_rewards, is_replayed + [False] * len(pairs), [False] * n + [True] * len(pairs),
+            metrics)
+
+
+def as_rollout(pairs: list[tuple[int, list[int]]], device, pad_token_id: int) -> Rollout:
+    """(prompt index, completion ids) pairs as a Rollout; behaviour log-probs NaN (there is no sampler)."""
+    width = max(len(ids) for _, ids in pairs)
+    completion_ids = torch.full((len(pairs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (_, ids) in enumerate(pairs):
+        completion_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[i, :len(ids)] = 1
+    behavior = torch.full((len(pairs), width), math.nan, dtype=torch.float32)
+    index = torch.tensor([p for p, _ in pairs], dtype=torch.long)
+    return Rollout(completion_ids.to(device), mask.to(device), behavior.to(device), index.to(device))
+
+
+def _texts(row: dict, column: str) -> list[str]:
+    if column not in row:
+        raise ValueError(f"demonstration_column={column!r}: a training row has no such column (it has "
+                         f"{', '.join(sorted(k for k in row if k != 'prompt_ids'))}); name the column that holds "
+                         "the demonstrated completion")
+    value = row[column]
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"demonstration_column={column!r}: expected a completion string or a list of them per row, "
+                         f"got {type(value).__name__}")
+    return list(texts)
+
+
+def _demo_seed(seed: int) -> int:
+    """A seed for the demonstration pick, distinct from the generation and replay streams of ``seed``."""
+    return (seed * 2862933555777941757 + 3037000493) % 2**63
