@@ -17,7 +17,7 @@ on stale groups here, through R_theta = beta log(pi_theta / pi_behaviour)):
 - grpo_corrected: GRPO's clipped token ratio against the behaviour log-probs (verl / AReaL style);
 - grpo_uncorrected: the ratio against the learner's start-of-step weights (ignores staleness).
 At lag 0 grpo_uncorrected is grpo_corrected bit for bit (tests/test_lag.py), and gvpo_behaviour is
-gvpo_previous up to the rollout engine's numerics (behaviour vs teacher-forced log-probs, ~1e-6), so each pair is
+gvpo_previous up to the rollout engine's numerics (behaviour vs teacher-forced log-probs, within 1e-5), so each pair is
 one run there.
 """
 
