@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_trainer import ROWS, TIMING, config_for, read, sevens
+from test_trainer import ROWS, TIMING, CrashAfter, config_for, read, sevens
 
 import gvpo.trainer
 import gvpo.update
@@ -175,21 +175,6 @@ def test_max_time_seconds_stops_the_run(tmp_path, tiny_model_dir):
     summary = train(cfg, reward_funcs=[sevens], train_rows=ROWS, eval_rows=ROWS[:4])
     assert summary["steps"] == 1 and summary["final_accuracy"] is not None
     assert [r["step"] for r in read(tmp_path / "run")] == [0, 1]
-
-
-class CrashAfter:
-    """``sevens`` that raises on its n-th call, to interrupt a run mid-way."""
-
-    __name__ = "sevens"
-
-    def __init__(self, n):
-        self.calls, self.n = 0, n
-
-    def __call__(self, prompts, completions, **kw):
-        self.calls += 1
-        if self.calls == self.n:
-            raise RuntimeError("grader fell over")
-        return sevens(prompts, completions)
 
 
 RESUME_CASES = {

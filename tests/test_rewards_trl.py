@@ -8,26 +8,18 @@ import pytest
 import torch
 
 import trl_doc_rewards as docs
-from gvpo.config import load_config
 from gvpo.rewards.calling import CALL_KEYWORDS, call_rewards
 from gvpo.scoring import RewardError, RewardTimeout, score
 from gvpo.trainer import train
 
-ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 30) for b in range(10, 20)]
+from test_trainer import ROWS, read
+from test_trainer import config_for as _trainer_config
 
 
 def config_for(tmp_path, model_dir, name="run", **overrides):
-    base = {
-        "model_name_or_path": model_dir, "output_dir": str(tmp_path / name), "max_steps": 3,
-        "prompts_per_step": 4, "num_generations": 4, "max_completion_length": 6, "learning_rate": 1e-2,
-        "eval_steps": 0, "save_steps": 0, "progress_bar": False, "seed": 0,
-    }
-    base.update(overrides)
-    return load_config(None, base)
-
-
-def read(path):
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    """test_trainer's tiny run, smaller: 3 steps of 4 prompts x 4 completions of 6 tokens."""
+    small = dict(max_steps=3, prompts_per_step=4, num_generations=4, max_completion_length=6)
+    return _trainer_config(tmp_path, model_dir, name, **{**small, **overrides})
 
 
 def test_a_reward_receives_exactly_trls_keywords(tmp_path, tiny_model_dir):
