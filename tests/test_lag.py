@@ -191,3 +191,20 @@ class _Policy:
 def test_bad_settings_say_how_to_fix_them(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, overrides)
+
+
+def test_auto_old_policy_is_behaviour_only_for_gvpo_on_stale_groups(tmp_path, tiny_model_dir):
+    """The default π_θ' (old_policy=auto): the group's own sampler where groups are stale (docs/async.md: the
+    learner's weights lost 10-62 points to staleness there), the rollout policy everywhere else."""
+    def mode(**overrides):
+        return config_for(tmp_path, tiny_model_dir, **overrides).old_policy_mode()
+
+    assert mode() == "previous"
+    assert mode(simulated_policy_lag=2) == "behaviour"
+    assert mode(rollout_workers=1, max_policy_lag=1) == "behaviour"
+    assert mode(rollout_workers=1, max_policy_lag=0) == "previous"  # lag 0: the synchronous run exactly
+    assert mode(simulated_policy_lag=2, algorithm="grpo") == "previous"  # the baselines correct by their ratio
+    assert mode(simulated_policy_lag=2, demonstration_column="solution") == "previous"  # demos have no sampler
+    assert mode(simulated_policy_lag=2, old_policy="previous") == "previous"  # an explicit choice stands
+    run = _run(tmp_path, tiny_model_dir, simulated_policy_lag=1)
+    assert run.old_policy.mode == "behaviour"

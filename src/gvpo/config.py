@@ -159,7 +159,11 @@ class AlgorithmConfig:
     # under simulated_policy_lag / async rollouts): on fresh groups they coincide up to numerics (rollout
     # engine vs teacher forcing), whatever the number of updates. Both are log-probs of the temperature-scaled
     # distribution (the trainer divides logits by rollout.temperature, the engines sample from it).
-    old_policy: str = "previous"
+    # "auto" (default): "behaviour" for GVPO on stale groups (rollout_workers > 0 with max_policy_lag > 0, or
+    # simulated_policy_lag > 0; not with demonstrations), else "previous". Why: in docs/async.md (5 seeds, eta 1-8) previous lost 10-62
+    # points to staleness, like GRPO without a ratio correction, while behaviour held at beta 0.5 (which we
+    # recommend for async runs; beta's default stays the paper's 0.1, which lost 6-23 points there).
+    old_policy: str = "auto"
     ema_decay: float = 0.99
     # Reward functions by name (gvpo.rewards registry) or "module:function"; summed with reward_weights.
     reward_funcs: tuple[str, ...] = ("arithmetic",)
@@ -193,8 +197,8 @@ class AlgorithmConfig:
             _fail("kl_coef", self.kl_coef, "must be >= 0")
         if self.num_iterations < 1 or self.num_mini_batches < 1:
             _fail("num_iterations/num_mini_batches", (self.num_iterations, self.num_mini_batches), "must be >= 1")
-        if self.old_policy not in ("previous", "behaviour", "initial", "ema"):
-            _fail("old_policy", self.old_policy, "use previous, behaviour, initial or ema")
+        if self.old_policy not in ("auto", "previous", "behaviour", "initial", "ema"):
+            _fail("old_policy", self.old_policy, "use auto, previous, behaviour, initial or ema")
         if self.off_policy_correction not in ("behaviour", "none"):
             _fail("off_policy_correction", self.off_policy_correction, "use behaviour (default) or none")
         if self.off_policy_correction == "none" and self.old_policy == "behaviour" and self.algorithm != "gvpo":
@@ -326,6 +330,16 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def old_policy_mode(self) -> str:
+        """algorithm.old_policy with "auto" resolved (see its comment)."""
+        mode = self.algorithm.old_policy
+        if mode != "auto":
+            return mode
+        stale = (self.rollout.rollout_workers > 0 and self.rollout.max_policy_lag > 0) \
+            or self.training.simulated_policy_lag > 0
+        demos = bool(self.data.demonstration_column and self.data.demonstrations_per_group)
+        return "behaviour" if self.algorithm.algorithm == "gvpo" and stale and not demos else "previous"
 
     def __post_init__(self):
         if self.replay.num_historical >= self.rollout.num_generations:

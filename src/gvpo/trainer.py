@@ -180,7 +180,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
     return Run(
         config=config, accelerator=accelerator, model=model, policy=policy, tokenizer=tokenizer,
         optimizer=optimizer, scheduler=scheduler, engine=make_engine(cfg_r.engine, policy, tokenizer),
-        old_policy=OldPolicy(cfg_a.old_policy, policy, cfg_a.ema_decay,
+        old_policy=OldPolicy(config.old_policy_mode(), policy, cfg_a.ema_decay,
                              need_ref=cfg_a.algorithm != "gvpo" and cfg_a.kl_coef > 0),
         sampler=PromptSampler(len(train_rows), seed=cfg_t.seed),
         replay=ReplayBuffer(config.replay.max_staleness, capacity=cfg_r.num_generations)
