@@ -100,3 +100,20 @@ def test_half_replayed_groups_train(tmp_path, tiny_model_dir, algorithm):
     first = sum(r["reward_mean"] for r in log[:3]) / 3
     last = sum(r["reward_mean"] for r in log[-3:]) / 3
     assert last > first + 0.1, f"{algorithm}: fresh-sample reward {first:.3f} -> {last:.3f}"
+
+
+def test_stored_responses_carry_the_step_that_generated_them(tmp_path, tiny_model_dir):
+    """Each step stores its fresh responses with version = that step (eviction and the baselines' staleness
+    count from it), and replayed rows are marked stale."""
+    from test_trainer import ROWS, config_for, sevens
+
+    from gvpo.trainer import generate_batch, setup
+
+    rows = ROWS[:8]
+    run = setup(config_for(tmp_path, tiny_model_dir, num_historical=2, max_staleness=4), reward_funcs=[sevens],
+                train_rows=rows, eval_rows=rows)
+    for step in (1, 2, 3):
+        batch, metrics = generate_batch(run, step)
+        versions = [r.version for responses in run.replay.entries.values() for r in responses]
+        assert max(versions) == step and min(versions) >= 1, (step, sorted(set(versions)))
+        assert int(batch.is_stale().sum()) == metrics["replayed"] == (0 if step == 1 else 16)
