@@ -230,3 +230,21 @@ def test_ctrl_c_leaves_no_ray_process(tmp_path, tiny_model_dir):
 
     alive = [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"Ray processes left behind: {alive}"
+
+
+def test_demonstrations_in_async_mode_reproduce_the_synchronous_run(tmp_path, tiny_model_dir, ray_address):
+    """A worker samples k - d completions per prompt and the learner adds the d demonstrations (the same seeded
+    pick): at lag 0 the run is the synchronous one with demonstrations, exactly."""
+    rows = [{**r, "solution": [r["prompt"] + r["answer"], r["answer"]]} for r in ROWS]
+    demos = dict(demonstration_column="solution", demonstrations_per_group=1)
+    runs = {}
+    for name, extra in (("sync", {}), ("async", dict(rollout_workers=1, max_policy_lag=0, ray_address=ray_address))):
+        summary = train(config_for(tmp_path, tiny_model_dir, name, **demos, **extra), reward_funcs=[sevens],
+                        train_rows=rows, eval_rows=rows[:8])
+        runs[name] = summary, [r for r in read(tmp_path / name) if "loss" in r], _weights(tmp_path / name)
+    (_, sync, w_sync), (summary, steps, w_async) = runs["sync"], runs["async"]
+    assert all(r["demonstrations"] == 8 for r in steps)  # one per prompt, every step
+    assert [r["loss"] for r in steps] == [r["loss"] for r in sync]
+    assert [r["reward_mean"] for r in steps] == [r["reward_mean"] for r in sync]
+    _assert_same_weights(w_sync, w_async)
+    assert summary["groups_generated"] == summary["groups_trained"] == STEPS * 8

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from gvpo import demonstrations
 from gvpo.groups import Groups, step_seeds
 from gvpo.replay import concat_rollouts
 from gvpo.rollout import resolve_engine
@@ -98,7 +99,7 @@ class AsyncSource:
         ray = self._ray = _import_ray(cfg.rollout.ray_address)
         self._owns_ray = connect(ray, cfg.rollout.ray_address, cfg.rollout.rollout_workers)
         self._seed, self._last_step, self._pad = cfg.training.seed, cfg.training.max_steps, run.tokenizer.pad_token_id
-        self._train_rows = run.train_rows
+        self._train_rows, self._config, self._tokenizer = run.train_rows, cfg, run.tokenizer
         self._planner = copy.deepcopy(run.sampler)  # runs ahead of run.sampler, which follows consumption
         self._next_step = start_step + 1  # the next step to plan
         self._chunks = min(cfg.rollout.rollout_workers, self.num_prompts)
@@ -139,8 +140,11 @@ class AsyncSource:
         self.totals["groups_trained"] += len(positions)
         mine = [i for i, g in enumerate(positions) if g % self.world == self.rank]
         rollout, rewards = _select(rollout, rewards, mine, run.accelerator.device)
-        return Groups([keys[i] for i in mine], [positions[i] for i in mine], [seeds[i] for i in mine], rollout,
-                      rewards, metrics, lags=[lags[i] for i in mine])
+        my_keys, my_seeds = [keys[i] for i in mine], [seeds[i] for i in mine]
+        demos = demonstrations.pick([run.train_rows[k] for k in my_keys], run.config, run.tokenizer, my_seeds) \
+            if demonstrations.per_group(run.config) else []
+        return Groups(my_keys, [positions[i] for i in mine], my_seeds, rollout, rewards, metrics,
+                      lags=[lags[i] for i in mine], demos=demos)
 
     def publish(self, run, step: int) -> None:
         """Version ``step`` of the weights, for the tasks that start from now on."""
@@ -242,8 +246,12 @@ class AsyncSource:
         tasks = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             positions = list(range(a, b))
-            tasks.append(Task(step, positions, keys[a:b], step_seeds(self._seed, step, positions),
-                              [self._train_rows[k] for k in keys[a:b]]))
+            seeds, rows = step_seeds(self._seed, step, positions), [self._train_rows[k] for k in keys[a:b]]
+            # Demonstrations take d of a group's k places (picked again, identically, when the learner mixes
+            # them in: the pick depends only on the row, the config and the seed).
+            demos = demonstrations.pick(rows, self._config, self._tokenizer, seeds)
+            counts = [self._config.rollout.num_generations - len(d) for d in demos]
+            tasks.append(Task(step, positions, keys[a:b], seeds, rows, counts))
         return tasks
 
     def _dispatch(self) -> None:

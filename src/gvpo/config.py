@@ -355,10 +355,6 @@ class Config:
             _fail("simulated_policy_lag", self.training.simulated_policy_lag,
                   "is the in-process study mode; with rollout_workers > 0 the lag is real, bounded by max_policy_lag")
         d = self.data.demonstrations_per_group if self.data.demonstration_column else 0
-        if d and self.rollout.rollout_workers:
-            _fail("demonstration_column", self.data.demonstration_column,
-                  "demonstrations are not wired into rollout_workers > 0 yet; train with rollout_workers=0 "
-                  "(simulated_policy_lag studies staleness in-process)")
         if d and self.algorithm.old_policy == "behaviour":
             _fail("old_policy", self.algorithm.old_policy, "demonstrations have no behaviour log-probs (no sampler); "
                   "use old_policy=previous (default) or initial with demonstration_column")

@@ -27,6 +27,7 @@ class Task:
     keys: list[int]  # dataset row of each prompt
     seeds: list[int]
     rows: list[dict]  # the dataset rows (prompt, prompt_ids and the columns reward functions read)
+    counts: list[int] | None = None  # completions to sample per prompt (k - demonstrations); None = k each
 
 
 @dataclass
@@ -73,7 +74,8 @@ class RolloutWorker:
             self.version = version
         n = len(task.rows)
         rollout, rewards, metrics = generate_and_score(
-            self.engine, self.tokenizer, task.rows, [self.num_generations] * n, self.sampling, None, task.seeds,
+            self.engine, self.tokenizer, task.rows, task.counts or [self.num_generations] * n, self.sampling, None,
+            task.seeds,
             self.reward_funcs, self.reward_weights, trainer_state_for(self.config, task.step - 1),
             self.config.algorithm.reward_timeout)
         rollout = Rollout(rollout.completion_ids.cpu(), rollout.completion_mask.cpu(), rollout.behavior_logps.cpu(),
