@@ -241,9 +241,21 @@ def _plot_curves(plt, data, path):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out accuracy (mean over seeds)")
     axes[0].legend(fontsize=6, loc="lower right")
+    _save(plt, fig, path)
+
+
+def _save(plt, fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _finish(plt, fig, ax, path):
+    """The final-accuracy plots' common y axis, grid and legend, then save."""
+    ax.set_ylabel("held-out accuracy after 40 updates")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(plt, fig, path)
 
 
 def _plot_final(plt, data, path):
@@ -259,12 +271,7 @@ def _plot_final(plt, data, path):
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=LABELS[n])
     ax.set_xticks(range(len(LAGS)), [str(lag) for lag in LAGS])
     ax.set_xlabel("policy lag η (versions between generating and training)")
-    ax.set_ylabel("held-out accuracy after 40 updates")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(plt, fig, ax, path)
 
 
 def _plot_kl(plt, data, path):
@@ -279,12 +286,7 @@ def _plot_kl(plt, data, path):
                 ax.annotate(f"η{lag}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("KL(π_behaviour ‖ π_current) per token on the trained batch")
-    ax.set_ylabel("held-out accuracy after 40 updates")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(plt, fig, ax, path)
 
 
 def main():

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         results = list(pool.map(lambda f: _run(f, args.full, args.timeout), faults))
-    print(f"\n| fault | what it breaks | result | seconds |\n|---|---|---|---|")
+    print("\n| fault | what it breaks | result | seconds |\n|---|---|---|---|")
     for f, r in zip(faults, results):
         print(f"| {f.name} | {f.why} | **{r['result']}** | {r['seconds']} |")
     caught = sum(r["result"] == "caught" for r in results)

@@ -5,7 +5,6 @@ determinism under a seed, stop strings, and the vLLM engine's import error."""
 from __future__ import annotations
 
 import sys
-import types
 
 import pytest
 import torch

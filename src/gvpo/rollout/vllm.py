@@ -146,10 +146,6 @@ def _teacher_forced_logps(model, prompt_ids, num_generations, ids, lengths, temp
     return token_logps(model, *seq, ids.shape[1], temperature).float().cpu() * mask
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 @torch.no_grad()
 def serving_weights(model) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs for a serving engine, under the base model's names.
@@ -158,6 +154,8 @@ def serving_weights(model) -> list[tuple[str, torch.Tensor]]:
     own ``get_delta_weight``, which handles fan-in/fan-out and scaling), the adapter tensors left out, and
     peft's ``base_layer`` / ``modules_to_save`` names mapped back, all without changing the training model
     (``merge_and_unload`` would modify it in place)."""
+    from gvpo.old_policy import _is_peft  # one test of "is this a peft model" for the whole package
+
     model = getattr(model, "module", model)  # DDP / accelerate wrappers
     if not _is_peft(model):
         return [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
