@@ -182,3 +182,31 @@ def test_bad_demonstration_data_is_named_before_the_model_loads(tmp_path, data, 
     else:
         with pytest.raises(ValueError, match=match):
             make()
+
+
+def test_with_vllm_all_rows_are_sampled_and_demonstrations_carry_nan_sampling_logps(tiny, tmp_path, monkeypatch):
+    """vLLM's path (no vLLM on CPU: TRL's method is replaced by a fake that returns what vLLM returns): all k rows
+    are generated, the demonstration rows' ids replaced and their sampling log-probs NaN (TRL's marker for "no
+    sampler log-prob": importance ratio 1, left out of its logp-difference metrics), the others kept."""
+    path, tokenizer = tiny
+    calls = []
+
+    def fake_vllm(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        calls.append((len(prompt_ids), num_generations))
+        return [[10 + i, EOS] for i in range(len(prompt_ids))], [[-0.5 - i, -0.25] for i in range(len(prompt_ids))]
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", fake_vllm)
+    trainer = GVPOTrainer(model=path, reward_funcs=first_half_letters, processing_class=tokenizer,
+                          args=make_config(tmp_path, demonstration_column="solution"), train_dataset=dataset())
+    trainer.use_vllm = True
+    plan = [None, None, None, [5, 6, EOS]] * 2
+    trainer._demo_plan = plan
+    ids, logps = trainer._generate_single_turn([[3, 4]] * 8, None, {}, K)
+    assert calls == [(8, K)] and trainer._demo_plan is None
+    for i, row in enumerate(plan):
+        if row is None:
+            assert ids[i] == [10 + i, EOS] and logps[i] == [-0.5 - i, -0.25]
+        else:
+            assert ids[i] == row and len(logps[i]) == 3 and all(x != x for x in logps[i])  # NaN
+    ids, _ = trainer._generate_single_turn([[3, 4]] * 8, None, {}, K)  # no plan (eval, later turns): TRL's rows
+    assert ids == [[10 + i, EOS] for i in range(8)]

@@ -275,7 +275,7 @@ class GVPOTrainer(GRPOTrainer):
         groups, so block g of k rows is one prompt; its last d rows become its demonstrations. The pick is seeded
         by (seed, global_step, the group's position in the global batch), as gvpo's trainer seeds it per prompt,
         so it does not depend on the number of processes."""
-        k, d, column = self.num_generations, self.args.demonstrations_per_group, self.args.demonstration_column
+        k, d, column = self.num_generations, demonstrations_per_group(self.args), self.args.demonstration_column
         if len(inputs) % k:
             raise RuntimeError(f"GVPOTrainer: a generation batch of {len(inputs)} rows is not whole groups of "
                                f"num_generations={k}; demonstrations need TRL's grouped layout")
