@@ -3,6 +3,12 @@ samples of their own prompt's group, reach TRL's reward functions as completions
 as they are. On the tiny random Qwen2 of tests/test_trl.py, on CPU."""
 
 import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +216,60 @@ def test_with_vllm_all_rows_are_sampled_and_demonstrations_carry_nan_sampling_lo
             assert ids[i] == row and len(logps[i]) == 3 and all(x != x for x in logps[i])  # NaN
     ids, _ = trainer._generate_single_turn([[3, 4]] * 8, None, {}, K)  # no plan (eval, later turns): TRL's rows
     assert ids == [[10 + i, EOS] for i in range(8)]
+
+
+def demonstration_run(model_dir, tokenizer, out, per_device):
+    """3 steps of 4 prompts x K, d = 2 of 4 listed demonstrations per prompt (also run by the worker, per rank).
+    Returns (trainer, per reward call [prompts, completions, solution lists])."""
+    seen = []
+
+    def reward(prompts, completions, solution, **kwargs):
+        seen.append([list(prompts), list(completions), [list(s) for s in solution]])
+        return first_half_letters(completions)
+
+    data = Dataset.from_dict({"prompt": [f"{CHARS[i]}{CHARS[i + 1]}:" for i in range(16)],
+                              "solution": [[f"{n}{CHARS[i]}" for n in "0123"] for i in range(16)]})
+    args = make_config(Path(out), per_device_train_batch_size=per_device, gradient_accumulation_steps=1,
+                       steps_per_generation=1, max_steps=3, demonstration_column="solution", demonstrations_per_group=2)
+    trainer = GVPOTrainer(model=model_dir, reward_funcs=reward, args=args, train_dataset=data,
+                          processing_class=tokenizer)
+    trainer.train()
+    return trainer, seen
+
+
+def _picks(seen) -> dict:
+    """(step, prompt) -> the demonstrations in its group, after checking they are the last 2 of its own group's
+    rows, distinct, and from its own row's list."""
+    picks = {}
+    for step, (prompts, completions, solution) in enumerate(seen):
+        for g in range(0, len(prompts), K):
+            assert len(set(prompts[g : g + K])) == 1
+            demos = completions[g + K - 2 : g + K]
+            assert all(d in solution[g] for d in demos) and len(set(demos)) == 2, (prompts[g], demos, solution[g])
+            picks[(step, prompts[g])] = demos
+    return picks
+
+
+def test_two_processes_put_the_same_demonstrations_in_the_same_groups_as_one(tiny, tmp_path):
+    """torchrun, 2 gloo processes of 8 rows each vs one process of 16 (the same global batches): every rank's
+    groups hold their own prompt's demonstrations, and the seeded pick is the same per (step, prompt)."""
+    path, tokenizer = tiny
+    _, seen_one = demonstration_run(path, tokenizer, tmp_path / "one", 16)
+    out = tmp_path / "two"
+    out.mkdir()
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests), os.environ.get("PYTHONPATH", "")])}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), str(tests / "trl_demonstrations_worker.py"), path,
+                           str(out), "8"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((out / f"seen{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert all(len(call[0]) == 8 for r in ranks for call in r["seen"])  # each rank scored its own 2 groups
+    one = _picks(seen_one)
+    two = {key: demos for r in ranks for key, demos in _picks(r["seen"]).items()}
+    assert len(one) == 12 and two == one
