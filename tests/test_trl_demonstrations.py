@@ -48,7 +48,7 @@ def recording(cls=GVPOTrainer):
             type(self).batches.append({k: v for k, v in output.items() if isinstance(v, torch.Tensor)})
             return output
 
-    def reward(prompts, completions, solution, **kwargs):
+    def reward(prompts, completions, solution=(), **kwargs):  # evaluation data has no solution column
         Recording.seen.append((list(prompts), list(completions), list(solution)))
         return first_half_letters([c if isinstance(c, str) else c[0]["content"] for c in completions])
 
@@ -104,6 +104,11 @@ def test_a_demonstration_joins_exactly_its_own_group_and_is_scored(tiny, tmp_pat
     assert all(h["demonstrations/fraction"] == d / K for h in logged)
     assert any(h["demonstrations/clipped_ratio"] > 0 for h in logged) or d > 1  # odd rows' solutions are cut
     assert all(h["demonstrations/reward_mean"] >= 0 for h in logged)
+    if not conversational:  # evaluation samples all k and needs no demonstration column
+        n = len(cls.batches)
+        metrics = trainer.evaluate(Dataset.from_dict({"prompt": dataset()["prompt"][:4]}))
+        assert len(cls.batches) > n and not any("is_demonstration" in b for b in cls.batches[n:])
+        assert not any("demonstrations" in key for key in metrics)
 
 
 def _run(path, tokenizer, tmp_path, cls=GVPOTrainer, data=None, **overrides):
