@@ -101,9 +101,19 @@ def test_a_demonstration_joins_exactly_its_own_group_and_is_scored(tiny, tmp_pat
     if d > 1:
         assert len(picks) > 1, "every group got the same demonstrations of its list: the pick is not random"
     logged = [h for h in trainer.state.log_history if "loss" in h]
-    assert all(h["demonstrations/fraction"] == d / K for h in logged)
-    assert any(h["demonstrations/clipped_ratio"] > 0 for h in logged) or d > 1  # odd rows' solutions are cut
-    assert all(h["demonstrations/reward_mean"] >= 0 for h in logged)
+    clipped = []
+    for h, (prompts, completions, solution) in zip(logged, cls.seen):  # one generation per logged step
+        texts = [c[0]["content"] if conversational else c for c in completions]
+        rewards = first_half_letters(texts)
+        demo = [i % K >= K - d for i in range(16)]
+        assert h["demonstrations/fraction"] == d / K
+        assert h["demonstrations/reward_mean"] == pytest.approx(sum(r for r, m in zip(rewards, demo) if m) / (4 * d))
+        assert h["demonstrations/sampled_reward_mean"] == pytest.approx(
+            sum(r for r, m in zip(rewards, demo) if not m) / (16 - 4 * d))
+        full = [len(t) == 8 for t, m in zip(texts, demo) if m]  # cut at the budget (an uncut one is shorter)
+        assert h["demonstrations/clipped_ratio"] == pytest.approx(sum(full) / len(full))
+        clipped += full
+    assert any(clipped) and not all(clipped), "every demonstration cut, or none: the budget is not tested"
     if not conversational:  # evaluation samples all k and needs no demonstration column
         n = len(cls.batches)
         metrics = trainer.evaluate(Dataset.from_dict({"prompt": dataset()["prompt"][:4]}))
@@ -185,8 +195,11 @@ def test_bad_demonstration_settings_are_named(tmp_path, overrides, match):
 def test_bad_demonstration_data_is_named_before_the_model_loads(tmp_path, data, extra, match):
     prompts = {"prompt": [f"{CHARS[i]}{CHARS[i + 1]}:" for i in range(16)]}
     args = make_config(tmp_path, demonstration_column="solution")
-    make = lambda: GVPOTrainer(model=str(tmp_path / "no-model-here"), reward_funcs=first_half_letters, args=args,  # noqa: E731
-                               train_dataset=Dataset.from_dict({**prompts, **data}), **extra)
+
+    def make():
+        return GVPOTrainer(model=str(tmp_path / "no-model-here"), reward_funcs=first_half_letters, args=args,
+                           train_dataset=Dataset.from_dict({**prompts, **data}), **extra)
+
     if match is None:  # good data: it gets as far as loading the (missing) model
         with pytest.raises(OSError):
             make()
