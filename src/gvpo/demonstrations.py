@@ -38,22 +38,25 @@ def pick(rows: list[dict], config, tokenizer, seeds: list[int]) -> list[list[lis
     d = per_group(config)
     if not d:
         return [[] for _ in rows]
-    column = config.data.demonstration_column
-    out = []
-    for row, seed in zip(rows, seeds):
-        texts = _texts(row, column)
-        if len(texts) > d:
-            order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(_demo_seed(seed)))
-            texts = [texts[i] for i in sorted(order[:d].tolist())]
-        out.append([tokenize(t, tokenizer, config.rollout.max_completion_length) for t in texts])
-    return out
+    column, budget = config.data.demonstration_column, config.rollout.max_completion_length
+    return [[tokenize(t, tokenizer, budget) for t in choose(row, column, d, seed)] for row, seed in zip(rows, seeds)]
+
+
+def choose(row: dict, column: str, d: int, seed: int) -> list[str]:
+    """Up to ``d`` of the row's demonstrations: all of them if there are at most d, else d drawn without
+    replacement (in their column order) from a stream that depends only on ``seed`` (the prompt's)."""
+    options = texts(row, column)
+    if len(options) <= d:
+        return options
+    order = torch.randperm(len(options), generator=torch.Generator().manual_seed(_demo_seed(seed)))
+    return [options[i] for i in sorted(order[:d].tolist())]
 
 
 def check(rows: list[dict], config) -> None:
     """Every training row holds demonstrations of the right type (before anything is written or loaded)."""
     if per_group(config):
         for row in rows:
-            _texts(row, config.data.demonstration_column)
+            texts(row, config.data.demonstration_column)
 
 
 def tokenize(text: str, tokenizer, max_completion_length: int) -> list[int]:
@@ -104,7 +107,8 @@ def as_rollout(pairs: list[tuple[int, list[int]]], device, pad_token_id: int) ->
     return Rollout(completion_ids.to(device), mask.to(device), behavior.to(device), index.to(device))
 
 
-def _texts(row: dict, column: str) -> list[str]:
+def texts(row: dict, column: str) -> list[str]:
+    """The row's demonstrations as a list (a single string is a list of one); a clear error otherwise."""
     if column not in row:
         raise ValueError(f"demonstration_column={column!r}: a training row has no such column (it has "
                          f"{', '.join(sorted(k for k in row if k != 'prompt_ids'))}); name the column that holds "

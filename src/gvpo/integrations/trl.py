@@ -21,10 +21,21 @@ Differences from ``GRPOConfig`` / ``GRPOTrainer``:
   sampler, Corollary 3.2). Options that would change the objective (entropy bonus or mask, off-policy mask,
   per-function normalisation) are rejected.
 - A completion that every reward function scored ``None`` keeps TRL's advantage 0 (a centred reward of 0).
+- Demonstrations (``demonstration_column`` / ``demonstrations_per_group``, as in gvpo's own trainer, see
+  :mod:`gvpo.demonstrations`): in training, the last d of each group's k rows are the row's demonstrations instead
+  of samples (same seeded pick, same tokenization: text + EOS, cut at ``max_completion_length``). TRL then decodes,
+  scores and trains them like any completion (conversational data: ``[{"role": "assistant", "content": text}]``).
+  With transformers generation only the k - d sampled rows are generated; with vLLM all k are generated and d
+  replaced (vLLM's server mode draws ``n = num_generations`` per prompt and tensor-parallel colocation needs equal
+  row counts per rank, which groups with fewer than d demonstrations would break). Demonstration rows carry NaN
+  sampling log-probs (TRL's own marker for "no sampler log-prob": importance ratio 1, left out of its metrics) and
+  ``is_demonstration`` in the batch; evaluation never uses them.
 
 TRL internals this relies on (tested with trl>=1.16,<1.17): it overrides ``_generate_and_score_completions``
-(to number the groups), ``_prepare_inputs`` (its training branch, with the group shuffle; it reads ``_step`` and
-``_buffered_inputs``) and ``_compute_loss``; it calls
+(to number the groups, and to pick demonstrations from the input rows), ``_generate_single_turn`` (called once
+per batch by ``_generate`` without tools; demonstrations replace samples there), ``_calculate_rewards`` (to read
+the demonstrations' rewards), ``_prepare_inputs`` (its training branch, with the group shuffle; it reads ``_step``
+and ``_buffered_inputs``) and ``_compute_loss``; it calls
 ``_get_per_token_logps_and_entropies`` and appends to ``_metrics``; and it assumes TRL's layout: the
 ``num_generations`` completions of a prompt are contiguous in the global generation batch and each process
 holds a contiguous slice of it.
@@ -32,6 +43,8 @@ holds a contiguous slice of it.
 
 from __future__ import annotations
 
+import inspect
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -48,6 +61,8 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trl.extras.profiling import profiling_decorator
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
+from gvpo import demonstrations
+from gvpo.groups import step_seeds
 from gvpo.losses import gvpo_loss
 
 TRL_TESTED = ">=1.16,<1.17"
@@ -82,6 +97,18 @@ class GVPOConfig(GRPOConfig):
         default="none",
         metadata={"help": "Must be 'none': GVPO uses rewards centred per group, never divided by a std."},
     )
+    demonstration_column: str | None = field(
+        default=None,
+        metadata={"help": "A train_dataset column holding a worked completion for the prompt (a string, or a list of "
+                  "them). In training, up to demonstrations_per_group of them replace sampled completions in their "
+                  "prompt's group and train with the GVPO loss as they are (Corollary 3.2: no importance ratio)."},
+    )
+    demonstrations_per_group: int = field(
+        default=1,
+        metadata={"help": "d: demonstrations per group of num_generations when demonstration_column is set (a longer "
+                  "list is sampled without replacement, seeded; a shorter one leaves more samples); 0 = off."},
+    )
+
     def __post_init__(self):
         if not self.beta > 0:
             raise ValueError(f"beta={self.beta}: GVPO needs beta > 0 (the paper's default is 0.1). It is GVPO's "
@@ -102,6 +129,17 @@ class GVPOConfig(GRPOConfig):
                 "GVPO needs all completions of a prompt in the same micro-batch: per_device_train_batch_size="
                 f"{self.per_device_train_batch_size} is not a multiple of num_generations={self.num_generations}; "
                 f"set it to a multiple, e.g. {fix}")
+        if self.demonstrations_per_group < 0:
+            raise ValueError(f"demonstrations_per_group={self.demonstrations_per_group}: must be >= 0 (0 = no "
+                             "demonstrations)")
+        if self.demonstration_column and self.demonstrations_per_group >= self.num_generations:
+            raise ValueError(f"demonstrations_per_group={self.demonstrations_per_group}: must be < num_generations="
+                             f"{self.num_generations} (each group needs a sampled completion); lower it or raise "
+                             "num_generations")
+        if self.demonstration_column and self.remove_unused_columns:
+            raise ValueError(f"remove_unused_columns=True would drop demonstration_column="
+                             f"{self.demonstration_column!r} before generation; set remove_unused_columns=False "
+                             "(GRPOConfig's default)")
         if self.bf16 is None and not self.fp16 and not self.use_cpu and not is_torch_bf16_gpu_available():
             # TRL turns bf16 on by default, which stops a machine without a bf16 GPU ("Your setup doesn't
             # support bf16/gpu"); there fp32 on the CPU is the only choice, so make it instead of failing.
@@ -143,6 +181,34 @@ def check_whole_groups(group_ids: torch.Tensor, num_generations: int) -> None:
             "(per_device_eval_batch_size when evaluating) a multiple of num_generations (num_generations_eval).")
 
 
+def demonstrations_per_group(args) -> int:
+    """d, the demonstrations that replace samples in each training group (0 when no column is set)."""
+    return args.demonstrations_per_group if args.demonstration_column else 0
+
+
+def check_demonstration_inputs(args: GVPOConfig, trainer_args: dict) -> None:
+    """Before the model loads: the train_dataset has the column, every row holds strings, and no multi-turn or
+    custom rollout is configured (demonstrations replace single-turn completions)."""
+    column = args.demonstration_column
+    for name in ("tools", "rollout_func", "environment_factory"):
+        if trainer_args.get(name):
+            raise ValueError(f"demonstration_column={column!r} with {name}: demonstrations replace single-turn "
+                             f"completions and are not mixed into TRL's multi-turn or custom rollouts; unset one of them")
+    dataset = trainer_args.get("train_dataset")
+    names = getattr(dataset, "column_names", None)
+    if names is None:  # e.g. an IterableDataset of unknown columns: each row is checked when it is drawn
+        return
+    if column not in names:
+        raise ValueError(f"demonstration_column={column!r}: train_dataset has no such column (it has "
+                         f"{', '.join(names)}); name the column that holds the demonstrated completion")
+    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        for i, value in enumerate(dataset[column]):
+            try:
+                demonstrations.texts({column: value}, column)
+            except ValueError as e:
+                raise ValueError(f"train_dataset row {i}: {e}") from None
+
+
 class GVPOTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` trained with the GVPO loss; same arguments, with ``args`` a :class:`GVPOConfig`."""
 
@@ -163,6 +229,11 @@ class GVPOTrainer(GRPOTrainer):
                             "arguments (its beta is GVPO's beta, default 0.1; a GRPOConfig's beta is TRL's KL "
                             "coefficient).")
         self.gvpo_beta = args.beta
+        self._demo_plan = None  # this batch's demonstration token ids per row (None = sample), while it generates
+        self._rewards_per_func = None  # the last batch's rewards, all processes (B_global, functions)
+        if demonstrations_per_group(args):
+            bound = inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *more, **kwargs)
+            check_demonstration_inputs(args, bound.arguments)
         # TRL reads args.beta as its KL coefficient while it builds the trainer (beta != 0 loads a reference model
         # or a "ref" PEFT adapter, and later adds a KL term). Show it 0 so it builds neither and keeps
         # self.beta = 0; args.beta is GVPO's beta again afterwards (it is what gets saved with checkpoints).
@@ -173,7 +244,21 @@ class GVPOTrainer(GRPOTrainer):
             args.beta = self.gvpo_beta
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        plan = None
+        if self.model.training and demonstrations_per_group(self.args):
+            plan = self._plan_demonstrations(inputs)
+        self._demo_plan = plan  # consumed by _generate_single_turn
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            unused, self._demo_plan = self._demo_plan, None
+        if unused is not None:  # a TRL path that does not call _generate_single_turn: the rows are all samples
+            raise RuntimeError("GVPOTrainer: TRL generated this batch without _generate_single_turn, so no "
+                               "demonstration was inserted; unset demonstration_column (trl version changed?)")
+        if plan is not None:
+            output["is_demonstration"] = torch.tensor([ids is not None for ids in plan],
+                                                      device=output["completion_ids"].device)  # (B,)
+            self._log_demonstrations(output["is_demonstration"], plan)
         # TRL's RepeatSampler puts the k completions of a prompt next to each other in the global generation batch,
         # and each process holds a contiguous slice of it. Number the groups now, before _prepare_inputs shuffles
         # the rows; identical prompt text would be a weaker key (two dataset rows may share a prompt).
@@ -182,6 +267,75 @@ class GVPOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * B
         output["group_ids"] = torch.arange(start, start + B, device=output["completion_ids"].device) // k  # (B,)
         return output
+
+    def _plan_demonstrations(self, inputs) -> list:
+        """Per row of this process's generation batch: the demonstration's completion ids, or None (sample it).
+
+        TRL repeats each prompt num_generations times in a row and gives each process a contiguous slice of whole
+        groups, so block g of k rows is one prompt; its last d rows become its demonstrations. The pick is seeded
+        by (seed, global_step, the group's position in the global batch), as gvpo's trainer seeds it per prompt,
+        so it does not depend on the number of processes."""
+        k, d, column = self.num_generations, demonstrations_per_group(self.args), self.args.demonstration_column
+        if len(inputs) % k:
+            raise RuntimeError(f"GVPOTrainer: a generation batch of {len(inputs)} rows is not whole groups of "
+                               f"num_generations={k}; demonstrations need TRL's grouped layout")
+        first = self.accelerator.process_index * (len(inputs) // k)
+        seeds = step_seeds(self.args.seed, self.state.global_step, list(range(first, first + len(inputs) // k)))
+        plan = [None] * len(inputs)
+        for g, seed in enumerate(seeds):
+            block = inputs[g * k : (g + 1) * k]
+            if any(row["prompt"] != block[0]["prompt"] for row in block):
+                raise RuntimeError("GVPOTrainer: rows of one group of num_generations hold different prompts (TRL's "
+                                   "RepeatSampler layout changed?); a demonstration would join the wrong group")
+            chosen = demonstrations.choose(block[0], column, d, seed)
+            for j, text in enumerate(chosen):
+                plan[(g + 1) * k - len(chosen) + j] = demonstrations.tokenize(text, self._tokenizer,
+                                                                              self.args.max_completion_length)
+        return plan
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's method, with this batch's demonstrations in place of the samples of their rows (see the module
+        docstring for which rows are generated)."""
+        plan, self._demo_plan = self._demo_plan, None  # one batch, one use
+        if plan is None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        sampled = [i for i, ids in enumerate(plan) if ids is None]
+        if self.use_vllm or images is not None or multimodal_fields:  # generate all k, replace d
+            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, images, multimodal_fields,
+                                                                     num_generations, has_tool_images)
+            completion_ids = [completion_ids[i] for i in sampled]
+            logprobs = None if logprobs is None else [logprobs[i] for i in sampled]
+        else:  # only the k - d samples: transformers generates row by row
+            completion_ids, logprobs = super()._generate_single_turn([prompt_ids[i] for i in sampled], None, {},
+                                                                     num_generations, has_tool_images)
+        fresh_ids, fresh_logps = iter(completion_ids), iter(logprobs or [])
+        out_ids, out_logps = [], []
+        for ids in plan:
+            out_ids.append(list(next(fresh_ids)) if ids is None else list(ids))
+            if logprobs is not None:  # NaN: no sampler log-prob (TRL's marker; its IS ratio is then 1)
+                out_logps.append(next(fresh_logps) if ids is None else [math.nan] * len(ids))
+        return out_ids, (out_logps if logprobs is not None else None)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._rewards_per_func
+
+    def _log_demonstrations(self, is_demo: torch.Tensor, plan: list) -> None:
+        """demonstrations/{fraction, reward_mean, sampled_reward_mean, clipped_ratio} over all processes; TRL's own
+        reward metrics mix demonstrations and samples."""
+        rewards_per_func = self._rewards_per_func  # (B_global, functions), NaN where a function gave None
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(1)  # (B_global,)
+        rewards[torch.isnan(rewards_per_func).all(1)] = math.nan
+        demo = self.accelerator.gather(is_demo.long()).bool().to(rewards.device)  # (B_global,)
+        clipped = torch.tensor([float(sum(ids[-1] != self._tokenizer.eos_token_id for ids in plan if ids)),
+                                float(is_demo.sum())], device=is_demo.device)
+        clipped = self.accelerator.gather(clipped.unsqueeze(0)).sum(0)  # (2,): truncated, demonstrations
+        metrics = self._metrics["train"]
+        metrics["demonstrations/fraction"].append(demo.float().mean().item())
+        metrics["demonstrations/reward_mean"].append(torch.nanmean(rewards[demo]).item())
+        metrics["demonstrations/sampled_reward_mean"].append(torch.nanmean(rewards[~demo]).item())
+        metrics["demonstrations/clipped_ratio"].append((clipped[0] / clipped[1].clamp(min=1)).item())
 
     @profiling_decorator
     def _prepare_inputs(self, generation_batch):
