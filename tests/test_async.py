@@ -99,11 +99,13 @@ class KillOnce:
         return sevens(prompts, completions)
 
 
-@pytest.mark.parametrize("algorithm", ["gvpo", "grpo"])
-def test_one_worker_lag_zero_reproduces_the_synchronous_run(tmp_path, tiny_model_dir, ray_address, algorithm):
+@pytest.mark.parametrize("algorithm, weight_sync", [("gvpo", "object_store"), ("grpo", "object_store"),
+                                                     ("gvpo", "collective")])
+def test_one_worker_lag_zero_reproduces_the_synchronous_run(tmp_path, tiny_model_dir, ray_address, algorithm,
+                                                            weight_sync):
     _, sync, w_sync = _train(tmp_path, tiny_model_dir, "sync", algorithm=algorithm)
     summary, steps, w_async = _train(tmp_path, tiny_model_dir, "async", algorithm=algorithm, rollout_workers=1,
-                                     max_policy_lag=0, ray_address=ray_address)
+                                     max_policy_lag=0, ray_address=ray_address, weight_sync=weight_sync)
     assert [r["reward_mean"] for r in steps] == [r["reward_mean"] for r in sync]
     assert [r["loss"] for r in steps] == [r["loss"] for r in sync]
     assert all(r["policy_lag_max"] == 0 for r in steps)
@@ -111,15 +113,20 @@ def test_one_worker_lag_zero_reproduces_the_synchronous_run(tmp_path, tiny_model
     start = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     assert max((w_sync[k] - start[k]).abs().max().item() for k in start) > 1e-3  # training moved the weights
     assert summary["groups_generated"] == summary["groups_trained"] == STEPS * 8
+    assert summary["weight_sync_fallbacks"] == 0
 
 
-def test_lag_bound_holds_and_a_killed_worker_loses_no_group(tmp_path, tiny_model_dir, ray_address):
+@pytest.mark.parametrize("weight_sync", ["object_store", "collective"])
+def test_lag_bound_holds_and_a_killed_worker_loses_no_group(tmp_path, tiny_model_dir, ray_address, weight_sync):
     """eta = 2 with 2 workers; one worker process is killed (SIGKILL) in the middle of its first task. GRPO, so
-    stale rows take their clipped ratio against the workers' behaviour log-probs."""
+    stale rows take their clipped ratio against the workers' behaviour log-probs. With the collective broadcast
+    the group breaks: the rest of the run falls back to the object store."""
     marker = tmp_path / "killed"
     summary, steps, _ = _train(tmp_path, tiny_model_dir, "eta2", reward_funcs=(KillOnce(marker),),
-                               algorithm="grpo", rollout_workers=2, max_policy_lag=2, ray_address=ray_address)
+                               algorithm="grpo", rollout_workers=2, max_policy_lag=2, ray_address=ray_address,
+                               weight_sync=weight_sync)
     assert marker.exists() and summary["worker_restarts"] == 1
+    assert summary["weight_sync_fallbacks"] == (weight_sync == "collective")
     assert summary["groups_regenerated"] == 4  # each step is split in two tasks of 4 groups
     assert summary["groups_generated"] == summary["groups_trained"] == STEPS * 8  # none lost, none twice
     assert all(r["policy_lag_max"] <= 2 for r in steps)

@@ -11,9 +11,10 @@ rule (``max_head_offpolicyness``): a task of step s is handed to a worker only o
 published, and the worker generates it with the newest version at that moment, so every group trained at step s
 has lag (s - 1) - version <= eta. Nothing is ever dropped; eta = 0 is the synchronous schedule exactly.
 
-Weights: after each step rank 0 puts the trainable parameters into Ray's object store once; a worker fetches
-them when it starts a task with a version it does not hold yet. (CPU tested; a GPU collective broadcast and
-vLLM workers are not implemented / not run: see README.)
+Weights (gvpo.weight_sync): after each step rank 0 puts the trainable parameters into Ray's object store once
+(a worker fetches them when it starts a task with a version it does not hold yet), or with
+``weight_sync=collective`` broadcasts them to every worker through one process group (gloo on CPU, tested;
+NCCL on CUDA, not run; vLLM workers not run: see README).
 
 Faults: a worker process that dies is restarted by Ray (``max_restarts``); its unfinished task goes back to
 the front of the queue and is generated again, with the same prompts and seeds. A reward function that raises
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from gvpo import demonstrations
+from gvpo import demonstrations, weight_sync
 from gvpo.groups import Groups, step_seeds
 from gvpo.replay import concat_rollouts
 from gvpo.rollout import resolve_engine
@@ -80,11 +81,6 @@ def connect(ray, address: str, num_workers: int) -> bool:
     return owns
 
 
-def trainable_weights(policy) -> dict:
-    """The parameters the learner changes, on CPU (frozen ones never move: a worker loaded them itself)."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in policy.named_parameters() if p.requires_grad}
-
-
 class AsyncSource:
     def __init__(self, run, start_step: int):
         cfg = run.config
@@ -103,7 +99,6 @@ class AsyncSource:
         self._planner = copy.deepcopy(run.sampler)  # runs ahead of run.sampler, which follows consumption
         self._next_step = start_step + 1  # the next step to plan
         self._chunks = min(cfg.rollout.rollout_workers, self.num_prompts)
-        self._version, self._weights = start_step, ray.put(trainable_weights(run.policy))
         self._queue: deque[Task] = deque()  # admitted, not yet handed to a worker (regenerations first)
         self._inflight: dict = {}  # ObjectRef -> (worker index, task)
         self._done: dict[int, list[Result]] = {}  # step -> finished tasks
@@ -112,9 +107,14 @@ class AsyncSource:
         self._error: BaseException | None = None
         self._stopping = False
         gpu = 1 if resolve_engine(cfg.rollout.engine) == "vllm" else 0  # vLLM workers: one GPU each (not run)
-        actor = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=gpu, max_restarts=MAX_RESTARTS,
-                                                  max_task_retries=0)
+        collective = cfg.rollout.weight_sync == weight_sync.COLLECTIVE
+        actor = (ray.remote(concurrency_groups=weight_sync.CONCURRENCY)(RolloutWorker) if collective
+                 else ray.remote(RolloutWorker))
+        actor = actor.options(num_cpus=1, num_gpus=gpu, max_restarts=MAX_RESTARTS, max_task_retries=0)
         self.workers = [actor.remote(cfg, run.reward_funcs, run.reward_weights) for _ in range(cfg.rollout.rollout_workers)]
+        self._sync = weight_sync.Publisher(ray, cfg.rollout.weight_sync, self.workers, run.policy, self.totals)
+        # The generate() argument that carries version self._version: [ObjectRef], or None (broadcast).
+        self._version, self._weights = start_step, self._sync.publish(run.policy, start_step)
         now = time.perf_counter()
         self._idle_since, self._worker_idle, self._failures = [now] * len(self.workers), 0.0, [0] * len(self.workers)
         self._down: dict[int, list[float]] = {}  # restarting worker -> [died at, next ping at]
@@ -150,9 +150,8 @@ class AsyncSource:
         """Version ``step`` of the weights, for the tasks that start from now on."""
         if self.rank != 0:
             return
-        ref = self._ray.put(trainable_weights(run.policy))
-        with self._cond:
-            self._version, self._weights = step, ref
+        with self._cond:  # held through a broadcast, so a fallback (a worker died) sees this version
+            self._version, self._weights = step, self._sync.publish(run.policy, step)
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -266,7 +265,7 @@ class AsyncSource:
             task = self._admit()
             if task is None:
                 return
-            ref = self.workers[w].generate.remote(task, self._version, [self._weights])
+            ref = self.workers[w].generate.remote(task, self._version, self._weights)
             self._inflight[ref] = (w, task)
             self._worker_idle += now - self._idle_since[w]
 
@@ -289,9 +288,16 @@ class AsyncSource:
                 self._down[w] = [now, now]
                 self.totals["groups_regenerated"] += len(task.positions)
                 self.totals["worker_restarts"] += 1
+                self._weights = self._sync.lost_worker(self._version)
             return
         except ray.exceptions.RayTaskError as e:  # raised inside the worker, e.g. a reward function's RewardError
             cause = getattr(e, "cause", None)
+            if isinstance(cause, weight_sync.NotInGroup):  # it died between tasks and Ray restarted it
+                with self._cond:
+                    self._queue.appendleft(task)  # never started: not a regeneration
+                    self.totals["worker_restarts"] += 1
+                    self._weights = self._sync.lost_worker(self._version)
+                return
             raise (cause if isinstance(cause, Exception) else e) from None
         with self._cond:
             if task is None:  # the restarted worker answers: it may take tasks again

@@ -1,0 +1,178 @@
+"""How the learner's weights reach the rollout workers in async mode (``weight_sync``).
+
+``object_store`` (default): after each step rank 0 puts a CPU copy of the trainable parameters into Ray's
+object store; a worker fetches it when it starts a task with a version it does not hold yet.
+
+``collective``: rank 0 and the N workers form one process group (rank 0 = the learner, rank i = worker i - 1)
+and rank 0 broadcasts the trainable parameters after each step, in ``named_parameters`` order (the same
+tensors as the object store path: LoRA sends only the adapters), after a header holding the version, so a
+worker checks which version it received. Backend: gloo when the learner's tensors are on CPU (tested), NCCL
+when they are on CUDA (the same code with only the backend differing; never run: no GPU here).
+
+Why not ``ray.util.collective`` (Ray 2.60): its API refuses the driver (``_check_inside_actor``), and the
+learner is the driver; its torch-gloo backend calls ``torch.distributed.init_process_group`` (the default
+group), which a learner under torchrun already has; ``create_collective_group`` leaves a detached named actor
+behind that is never removed. Instead, as verl / OpenRLHF / vLLM do for weight updates, the group is a
+``ProcessGroupGloo`` / ``ProcessGroupNCCL`` object built on its own ``TCPStore``: it touches no default group,
+so it coexists with torchrun's.
+
+A broadcast is collective: every worker takes part while it generates, in a second actor thread (the
+``weights`` concurrency group), receiving into fresh buffers that replace the staged copy only when complete.
+A task applies the newest staged version when it starts: the version it was dispatched with, or a newer one
+when a broadcast overtook a queued task (possible only with ``max_policy_lag`` > 0; the group is tagged with
+the version it really used, so the lag bound and the lag metrics stay exact).
+
+Faults: a dead member breaks a gloo/NCCL group (the peers' next operation fails or times out). When a worker
+dies, or a broadcast fails, the run falls back to the object store for the rest of the run (counted in
+``weight_sync_fallbacks``); the group is not re-formed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+
+import torch
+
+OBJECT_STORE, COLLECTIVE = "object_store", "collective"
+TIMEOUT = datetime.timedelta(seconds=120)  # a broadcast or group formation that a member never joins fails
+CONCURRENCY = {"weights": 1}  # the worker thread that receives broadcasts while generation runs
+GROUP_PREFIX = "gvpo-weights"
+
+
+class NotInGroup(RuntimeError):
+    """Raised by a restarted worker process asked for a broadcast version: it joined no group."""
+
+
+def trainable_weights(policy, device="cpu") -> dict:
+    """The parameters the learner changes, copied (frozen ones never move: a worker loaded them itself)."""
+    return {n: p.detach().to(device, copy=True) for n, p in policy.named_parameters() if p.requires_grad}
+
+
+def backend_for(weights: dict) -> str:
+    return "nccl" if any(t.is_cuda for t in weights.values()) else "gloo"
+
+
+def process_group(backend: str, store, rank: int, world_size: int):
+    """A process group object of its own (not torch.distributed's default group, which torchrun may own)."""
+    import torch.distributed as dist
+
+    store = dist.PrefixStore(GROUP_PREFIX, store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, TIMEOUT)
+    if not hasattr(dist, "ProcessGroupNCCL"):
+        raise RuntimeError("weight_sync=collective on CUDA tensors needs a torch built with NCCL")
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = TIMEOUT
+    return dist.ProcessGroupNCCL(store, rank, world_size, options)  # not run: no GPU on the test machine
+
+
+def broadcast(pg, version: int, tensors: list) -> None:
+    """Rank 0 sends / the others receive into ``tensors``: a version header, then each tensor in order."""
+    device = tensors[0].device if tensors else "cpu"
+    header = torch.tensor([version], dtype=torch.int64, device=device)
+    pg.broadcast(header, 0).wait()
+    if int(header.item()) != version:
+        raise RuntimeError(f"weight broadcast: expected version {version}, the learner sent {int(header.item())}")
+    for t in tensors:
+        pg.broadcast(t, 0).wait()
+
+
+class Publisher:
+    """Rank 0's side. :meth:`publish` returns the ``weights`` argument of ``RolloutWorker.generate``:
+    ``[ObjectRef]`` (object store) or ``None`` (the worker takes its staged broadcast)."""
+
+    def __init__(self, ray, mode: str, workers: list, policy, totals: dict):
+        self._ray, self._workers, self._totals = ray, workers, totals
+        self._broken = mode != COLLECTIVE
+        self._lock = threading.Lock()
+        self._last = None  # (version, weights): the last published, for a fallback put
+        self._pg = None
+        totals.setdefault("weight_sync_fallbacks", 0)
+        if mode == COLLECTIVE:
+            self._form(trainable_weights(policy, next(policy.parameters()).device))
+
+    def _form(self, weights: dict) -> None:
+        import torch.distributed as dist
+
+        # Workers that fail to start raise here, not after a group-formation timeout.
+        self._ray.get([w.pid.remote() for w in self._workers])
+        host = self._ray.util.get_node_ip_address()
+        world = len(self._workers) + 1
+        self._store = dist.TCPStore(host, 0, world, True, timeout=TIMEOUT, wait_for_workers=False)
+        spec = {"host": host, "port": self._store.port, "world_size": world, "backend": backend_for(weights),
+                "names": list(weights), "shapes": [tuple(t.shape) for t in weights.values()],
+                "dtypes": [t.dtype for t in weights.values()]}
+        joins = [w.join_weight_group.options(concurrency_group="weights").remote(spec, i + 1)
+                 for i, w in enumerate(self._workers)]
+        self._pg = process_group(spec["backend"], self._store, 0, world)  # returns once every worker joined
+        self._ray.get(joins)
+
+    def publish(self, policy, version: int):
+        with self._lock:
+            self._payload = self._publish(policy, version)
+            return self._payload
+
+    def _publish(self, policy, version: int):
+        if self._broken:  # the object store (the mode, or the fallback): today's path
+            self._last = (version, None)
+            return [self._ray.put(trainable_weights(policy))]
+        weights = trainable_weights(policy, next(policy.parameters()).device)
+        self._last = (version, weights)
+        receives = [w.receive_weights.options(concurrency_group="weights").remote(version)
+                    for w in self._workers]
+        try:
+            broadcast(self._pg, version, list(weights.values()))
+            self._ray.get(receives, timeout=TIMEOUT.total_seconds())
+        except Exception as e:  # a member died during the broadcast: every worker uses the object store
+            return self._fall_back(f"broadcast of version {version} failed: {e}")
+        return None
+
+    def lost_worker(self, version: int):
+        """A worker died (its restarted process is in no group): the payload for ``version`` from now on."""
+        with self._lock:
+            assert self._last[0] == version, (self._last[0], version)
+            if not self._broken:
+                self._payload = self._fall_back("a rollout worker died")
+            return self._payload
+
+    def _fall_back(self, why: str) -> list:
+        import warnings
+
+        warnings.warn(f"weight_sync=collective: {why}; weights go through Ray's object store for the rest of the run")
+        self._broken = True
+        self._totals["weight_sync_fallbacks"] += 1
+        self._pg = None
+        return [self._ray.put({k: v.cpu() for k, v in self._last[1].items()})]
+
+
+class Receiver:
+    """A worker's side: joins the group, receives broadcasts (its own thread), hands out the newest version."""
+
+    def __init__(self, spec: dict, rank: int):
+        import torch.distributed as dist
+
+        self.device = torch.device("cuda" if spec["backend"] == "nccl" else "cpu")
+        self._spec = spec
+        store = dist.TCPStore(spec["host"], spec["port"], spec["world_size"], False, timeout=TIMEOUT)
+        self._pg = process_group(spec["backend"], store, rank, spec["world_size"])
+        self._store = store
+        self._lock = threading.Lock()
+        self._staged = None  # (version, {name: tensor})
+
+    def receive(self, version: int) -> None:
+        spec = self._spec
+        tensors = [torch.empty(s, dtype=d, device=self.device) for s, d in zip(spec["shapes"], spec["dtypes"])]
+        broadcast(self._pg, version, tensors)
+        with self._lock:  # swapped in whole: a task never sees half of a version
+            self._staged = (version, dict(zip(spec["names"], tensors)))
+
+    def take(self, version: int) -> tuple[int, dict]:
+        """The newest received version, at least ``version`` (the learner waits for every worker's receipt
+        before it dispatches a task with a new version)."""
+        with self._lock:
+            staged = self._staged
+        if staged is None or staged[0] < version:
+            raise RuntimeError(f"rollout worker: version {version} was not received by broadcast "
+                               f"(holds {None if staged is None else staged[0]})")
+        return staged
