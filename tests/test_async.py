@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from gvpo.config import load_config
+from gvpo.rollout_worker import RolloutWorker
 from gvpo.scoring import RewardError
 from gvpo.trainer import train
 from test_trainer import ROWS, read, sevens
@@ -114,6 +115,53 @@ def test_one_worker_lag_zero_reproduces_the_synchronous_run(tmp_path, tiny_model
     assert max((w_sync[k] - start[k]).abs().max().item() for k in start) > 1e-3  # training moved the weights
     assert summary["groups_generated"] == summary["groups_trained"] == STEPS * 8
     assert summary["weight_sync_fallbacks"] == 0
+
+
+class InspectableWorker(RolloutWorker):
+    def held(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_a_broadcast_gives_each_worker_the_learners_weights_bitwise(tmp_path, tiny_model_dir, ray_address, use_peft):
+    """Two workers and the learner in one gloo group, outside torch.distributed's default group. Every trainable
+    tensor arrives bitwise; frozen ones (LoRA's base model) are not sent; a task dispatched at version 1 after
+    version 2 was broadcast runs with 2 (and says so); a version never broadcast is an error, not a silent reuse."""
+    from gvpo.modeling import load_model_and_tokenizer
+    from gvpo.trainer import _prepare_model
+    from gvpo.weight_sync import COLLECTIVE, CONCURRENCY, Publisher
+
+    config = config_for(tmp_path, tiny_model_dir, "bitwise", rollout_workers=2, weight_sync="collective",
+                        use_peft=use_peft, lora_r=2)
+    policy = _prepare_model(load_model_and_tokenizer(tiny_model_dir, config.model.dtype, False)[0], config)
+    actor = ray.remote(concurrency_groups=CONCURRENCY)(InspectableWorker).options(num_cpus=1)
+    workers = [actor.remote(config, [sevens], [1.0]) for _ in range(2)]
+    try:
+        totals = {}
+        sync = Publisher(ray, COLLECTIVE, workers, policy, totals)
+        torch.manual_seed(0)
+        for version in (1, 2):
+            with torch.no_grad():
+                for p in policy.parameters():  # frozen ones too: they must not travel
+                    p.add_(torch.randn_like(p))
+            assert sync.publish(policy, version) is None  # None: the workers take their broadcast copy
+        assert not torch.distributed.is_initialized()  # a group of its own: a torchrun learner keeps its own
+        assert ray.get([w.use_weights.remote(1, None) for w in workers]) == [2, 2]
+        mine = dict(policy.named_parameters())
+        fresh = _prepare_model(load_model_and_tokenizer(tiny_model_dir, config.model.dtype, False)[0], config)
+        start = dict(fresh.named_parameters())
+        trainable = {n for n, p in mine.items() if p.requires_grad}
+        assert trainable and (len(trainable) < len(mine)) == use_peft
+        for held in ray.get([w.held.remote() for w in workers]):
+            assert held.keys() == mine.keys()
+            for n, p in mine.items():
+                assert torch.equal(held[n], (p if n in trainable else start[n]).detach()), n
+        with pytest.raises(ray.exceptions.RayTaskError, match="version 3 was not received"):
+            ray.get(workers[0].use_weights.remote(3, None))
+        assert totals["weight_sync_fallbacks"] == 0
+    finally:
+        for w in workers:
+            ray.kill(w)
 
 
 @pytest.mark.parametrize("weight_sync", ["object_store", "collective"])

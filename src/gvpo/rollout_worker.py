@@ -78,20 +78,7 @@ class RolloutWorker:
         parameters (boxed so that Ray fetches them only when this worker does not hold that version yet), or
         None: the newest version received by broadcast (``version`` or newer; the result says which)."""
         t0 = time.perf_counter()
-        if weights is None:
-            from gvpo.weight_sync import NotInGroup
-
-            if self._receiver is None:  # a restarted process: the learner falls back to the object store
-                raise NotInGroup("this rollout worker process is not in the weight broadcast group")
-            version, staged = self._receiver.take(version)
-            if version != self.version:
-                self.load_weights(staged)
-                self.version = version
-        elif version != self.version:
-            import ray
-
-            self.load_weights(ray.get(weights[0]))
-            self.version = version
+        version = self.use_weights(version, weights)
         n = len(task.rows)
         rollout, rewards, metrics = generate_and_score(
             self.engine, self.tokenizer, task.rows, task.counts or [self.num_generations] * n, self.sampling, None,
@@ -101,6 +88,23 @@ class RolloutWorker:
         rollout = Rollout(rollout.completion_ids.cpu(), rollout.completion_mask.cpu(), rollout.behavior_logps.cpu(),
                           rollout.prompt_index.cpu())
         return Result(task, version, rollout, rewards, metrics, time.perf_counter() - t0)
+
+    def use_weights(self, version: int, weights: list | None) -> int:
+        """Hold ``version`` (or, from a broadcast, a newer one) in the model; the version now held."""
+        if weights is None:
+            from gvpo.weight_sync import NotInGroup
+
+            if self._receiver is None:  # a restarted process: the learner falls back to the object store
+                raise NotInGroup("this rollout worker process is not in the weight broadcast group")
+            version, staged = self._receiver.take(version)
+            if version != self.version:
+                self.load_weights(staged)
+        elif version != self.version:
+            import ray
+
+            self.load_weights(ray.get(weights[0]))
+        self.version = version
+        return version
 
     @torch.no_grad()
     def load_weights(self, weights: dict) -> None:
