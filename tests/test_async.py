@@ -117,6 +117,18 @@ def test_one_worker_lag_zero_reproduces_the_synchronous_run(tmp_path, tiny_model
     assert summary["weight_sync_fallbacks"] == 0
 
 
+def _until_restarted(worker, old_pid: int, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if ray.get(worker.pid.remote()) != old_pid:
+                return
+        except ray.exceptions.RayActorError:  # calls fail until Ray has brought the process back
+            pass
+        assert time.time() < deadline, "Ray did not restart the worker"
+        time.sleep(0.5)
+
+
 class InspectableWorker(RolloutWorker):
     def held(self) -> dict:
         return {n: p.detach().clone() for n, p in self.model.named_parameters()}
@@ -134,7 +146,7 @@ def test_a_broadcast_gives_each_worker_the_learners_weights_bitwise(tmp_path, ti
     config = config_for(tmp_path, tiny_model_dir, "bitwise", rollout_workers=2, weight_sync="collective",
                         use_peft=use_peft, lora_r=2)
     policy = _prepare_model(load_model_and_tokenizer(tiny_model_dir, config.model.dtype, False)[0], config)
-    actor = ray.remote(concurrency_groups=CONCURRENCY)(InspectableWorker).options(num_cpus=1)
+    actor = ray.remote(concurrency_groups=CONCURRENCY)(InspectableWorker).options(num_cpus=1, max_restarts=1)
     workers = [actor.remote(config, [sevens], [1.0]) for _ in range(2)]
     try:
         totals = {}
@@ -159,6 +171,17 @@ def test_a_broadcast_gives_each_worker_the_learners_weights_bitwise(tmp_path, ti
         with pytest.raises(ray.exceptions.RayTaskError, match="version 3 was not received"):
             ray.get(workers[0].use_weights.remote(3, None))
         assert totals["weight_sync_fallbacks"] == 0
+        # A worker restarted by Ray is in no group: it says so, and the learner falls back to the object store.
+        old = ray.get(workers[1].pid.remote())
+        os.kill(old, signal.SIGKILL)
+        _until_restarted(workers[1], old)
+        with pytest.raises(ray.exceptions.RayTaskError, match="not in the weight broadcast group"):
+            ray.get(workers[1].use_weights.remote(2, None))
+        payload = sync.lost_worker(2)
+        assert isinstance(payload, list) and totals["weight_sync_fallbacks"] == 1
+        assert ray.get(workers[1].use_weights.remote(2, payload)) == 2
+        held = ray.get(workers[1].held.remote())
+        assert all(torch.equal(held[n], (p if n in trainable else start[n]).detach()) for n, p in mine.items())
     finally:
         for w in workers:
             ray.kill(w)
@@ -231,18 +254,23 @@ def test_a_crashed_async_run_resumes_from_its_checkpoint_as_the_synchronous_run(
     _assert_same_weights(w_sync, w_resumed)
 
 
-def test_two_torchrun_learners_lag_zero_equal_one_synchronous_process(tmp_path, tiny_model_dir, ray_address):
+@pytest.mark.parametrize("weight_sync", ["object_store", "collective"])
+def test_two_torchrun_learners_lag_zero_equal_one_synchronous_process(tmp_path, tiny_model_dir, ray_address,
+                                                                      weight_sync):
     """The learner as 2 gloo processes (rank 0 joins the cluster, whole groups per rank) against the synchronous
-    single-process run of tests/distributed_worker.py."""
+    single-process run of tests/distributed_worker.py. Collective: rank 0's broadcast group lives beside the
+    learners' default (torchrun) group."""
     from distributed_worker import run
     from test_distributed import _launch
 
     run(tiny_model_dir, str(tmp_path / "sync"), 3, 0)
     sync = load_file(str(tmp_path / "sync" / "checkpoints" / "step-000003" / "model.safetensors"))
     both = _launch(2, tiny_model_dir, tmp_path / "two", extra=["rollout_workers=1", "max_policy_lag=0",
-                                                                   f"ray_address={ray_address}"])
+                                                                   f"ray_address={ray_address}",
+                                                                   f"weight_sync={weight_sync}"])
     log = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["policy_lag_max"] for r in log if "loss" in r] == [0, 0, 0]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["weight_sync_fallbacks"] == 0
     for k in sync:
         torch.testing.assert_close(both[k], sync[k], rtol=1e-4, atol=1e-5)
 

@@ -294,6 +294,9 @@ class AsyncSource:
             cause = getattr(e, "cause", None)
             if isinstance(cause, weight_sync.NotInGroup):  # it died between tasks and Ray restarted it
                 with self._cond:
+                    self._failures[w] += 1
+                    if self._failures[w] > MAX_RESTARTS:
+                        raise RuntimeError(f"rollout worker {w} died {self._failures[w]} times; last: {e}") from e
                     self._queue.appendleft(task)  # never started: not a regeneration
                     self.totals["worker_restarts"] += 1
                     self._weights = self._sync.lost_worker(self._version)
