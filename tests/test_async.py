@@ -137,8 +137,9 @@ class InspectableWorker(RolloutWorker):
 @pytest.mark.parametrize("use_peft", [False, True])
 def test_a_broadcast_gives_each_worker_the_learners_weights_bitwise(tmp_path, tiny_model_dir, ray_address, use_peft):
     """Two workers and the learner in one gloo group, outside torch.distributed's default group. Every trainable
-    tensor arrives bitwise; frozen ones (LoRA's base model) are not sent; a task dispatched at version 1 after
-    version 2 was broadcast runs with 2 (and says so); a version never broadcast is an error, not a silent reuse."""
+    tensor arrives bitwise; frozen ones (LoRA's base model) are not sent; a task dispatched at version 2 after
+    version 3 was broadcast runs with 3 (and says so); a version never broadcast is an error, not a silent reuse;
+    a restarted worker is in no group and takes the object store fallback."""
     from gvpo.modeling import load_model_and_tokenizer
     from gvpo.trainer import _prepare_model
     from gvpo.weight_sync import COLLECTIVE, CONCURRENCY, Publisher
@@ -152,13 +153,20 @@ def test_a_broadcast_gives_each_worker_the_learners_weights_bitwise(tmp_path, ti
         totals = {}
         sync = Publisher(ray, COLLECTIVE, workers, policy, totals)
         torch.manual_seed(0)
-        for version in (1, 2):
+
+        def publish(version):
             with torch.no_grad():
                 for p in policy.parameters():  # frozen ones too: they must not travel
                     p.add_(torch.randn_like(p))
             assert sync.publish(policy, version) is None  # None: the workers take their broadcast copy
+
+        publish(1)
+        assert ray.get([w.use_weights.remote(1, None) for w in workers]) == [1, 1]
+        publish(2)
+        publish(3)
         assert not torch.distributed.is_initialized()  # a group of its own: a torchrun learner keeps its own
-        assert ray.get([w.use_weights.remote(1, None) for w in workers]) == [2, 2]
+        # A task dispatched at version 2 that starts after version 3 arrived runs with 3, and says so.
+        assert ray.get([w.use_weights.remote(2, None) for w in workers]) == [3, 3]
         mine = dict(policy.named_parameters())
         fresh = _prepare_model(load_model_and_tokenizer(tiny_model_dir, config.model.dtype, False)[0], config)
         start = dict(fresh.named_parameters())
@@ -168,18 +176,18 @@ def test_a_broadcast_gives_each_worker_the_learners_weights_bitwise(tmp_path, ti
             assert held.keys() == mine.keys()
             for n, p in mine.items():
                 assert torch.equal(held[n], (p if n in trainable else start[n]).detach()), n
-        with pytest.raises(ray.exceptions.RayTaskError, match="version 3 was not received"):
-            ray.get(workers[0].use_weights.remote(3, None))
+        with pytest.raises(ray.exceptions.RayTaskError, match="version 4 was not received"):
+            ray.get(workers[0].use_weights.remote(4, None))
         assert totals["weight_sync_fallbacks"] == 0
         # A worker restarted by Ray is in no group: it says so, and the learner falls back to the object store.
         old = ray.get(workers[1].pid.remote())
         os.kill(old, signal.SIGKILL)
         _until_restarted(workers[1], old)
         with pytest.raises(ray.exceptions.RayTaskError, match="not in the weight broadcast group"):
-            ray.get(workers[1].use_weights.remote(2, None))
-        payload = sync.lost_worker(2)
+            ray.get(workers[1].use_weights.remote(3, None))
+        payload = sync.lost_worker(3)
         assert isinstance(payload, list) and totals["weight_sync_fallbacks"] == 1
-        assert ray.get(workers[1].use_weights.remote(2, payload)) == 2
+        assert ray.get(workers[1].use_weights.remote(3, payload)) == 3
         held = ray.get(workers[1].held.remote())
         assert all(torch.equal(held[n], (p if n in trainable else start[n]).detach()) for n, p in mine.items())
     finally:

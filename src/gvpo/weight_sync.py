@@ -136,6 +136,11 @@ class Publisher:
                 self._payload = self._fall_back("a rollout worker died")
             return self._payload
 
+    def close(self) -> None:
+        """Release the group and its store (after the workers were killed)."""
+        with self._lock:
+            self._pg = self._store = None
+
     def _fall_back(self, why: str) -> list:
         import warnings
 
