@@ -74,8 +74,9 @@ def broadcast(pg, version: int, tensors: list) -> None:
     pg.broadcast(header, 0).wait()
     if int(header.item()) != version:
         raise RuntimeError(f"weight broadcast: expected version {version}, the learner sent {int(header.item())}")
-    for t in tensors:
-        pg.broadcast(t, 0).wait()
+    # All issued, then waited on: the backend pipelines them (one round trip per tensor otherwise).
+    for work in [pg.broadcast(t, 0) for t in tensors]:
+        work.wait()
 
 
 class Publisher:
