@@ -9,18 +9,24 @@ tensors as the object store path: LoRA sends only the adapters), after a header 
 worker checks which version it received. Backend: gloo when the learner's tensors are on CPU (tested), NCCL
 when they are on CUDA (the same code with only the backend differing; never run: no GPU here).
 
-Why not ``ray.util.collective`` (Ray 2.60): its API refuses the driver (``_check_inside_actor``), and the
-learner is the driver; its torch-gloo backend calls ``torch.distributed.init_process_group`` (the default
-group), which a learner under torchrun already has; ``create_collective_group`` leaves a detached named actor
-behind that is never removed. Instead, as verl / OpenRLHF / vLLM do for weight updates, the group is a
-``ProcessGroupGloo`` / ``ProcessGroupNCCL`` object built on its own ``TCPStore``: it touches no default group,
-so it coexists with torchrun's.
+Why not ``ray.util.collective`` (read in Ray 2.60's source): its API refuses the driver
+(``_check_inside_actor``), and the learner is the driver; its torch-gloo backend makes the group
+torch.distributed's default one (``init_process_group``, MASTER_ADDR/PORT set in the process environment), and
+where a default group exists already (a torchrun learner) it builds its group with ``new_group`` over that
+group's ranks instead; ``create_collective_group`` leaves a detached named actor that is never removed.
+Instead, like vLLM's RLHF example and verl (``StatelessProcessGroup``: a group outside torch.distributed's
+global state), the group here is a ``ProcessGroupGloo`` / ``ProcessGroupNCCL`` object on its own ``TCPStore``:
+it touches no default group, so it coexists with torchrun's (tested).
 
 A broadcast is collective: every worker takes part while it generates, in a second actor thread (the
 ``weights`` concurrency group), receiving into fresh buffers that replace the staged copy only when complete.
 A task applies the newest staged version when it starts: the version it was dispatched with, or a newer one
 when a broadcast overtook a queued task (possible only with ``max_policy_lag`` > 0; the group is tagged with
 the version it really used, so the lag bound and the lag metrics stay exact).
+
+Memory: rank 0 keeps a copy of the last published tensors on their device (on CUDA: one more copy of the
+trainable weights, LoRA: the adapters), broadcast from and put into the object store if a worker dies;
+each worker keeps the last received copy beside its model.
 
 Faults: a dead member breaks a gloo/NCCL group (the peers' next operation fails or times out). When a worker
 dies, or a broadcast fails, the run falls back to the object store for the rest of the run (counted in
