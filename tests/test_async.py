@@ -86,17 +86,25 @@ def _assert_same_weights(a, b):
 
 
 class KillOnce:
-    """``sevens``, except that it kills the rollout worker process it runs in, the first time only."""
+    """``sevens``, except that it kills the rollout worker process it runs in, the first time only. With
+    ``hold``, a surviving worker's next call waits until a third process (the restarted worker) has scored a
+    task: the run cannot end before Ray brought the worker back."""
 
     __name__ = "kill_once"
 
-    def __init__(self, marker):
-        self.marker, self.learner = str(marker), os.getpid()
+    def __init__(self, marker, hold=False):
+        self.marker, self.learner, self.hold = str(marker), os.getpid(), hold
 
     def __call__(self, prompts, completions, **kwargs):
-        if os.getpid() != self.learner and not os.path.exists(self.marker):
-            Path(self.marker).write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+        if os.getpid() != self.learner:
+            Path(f"{self.marker}.called.{os.getpid()}").touch()
+            if not os.path.exists(self.marker):
+                Path(self.marker).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            deadline, marker = time.time() + 120, Path(self.marker)
+            while self.hold and len(list(marker.parent.glob(marker.name + ".called.*"))) < 3:
+                assert time.time() < deadline, "the killed worker was not restarted"
+                time.sleep(0.1)
         return sevens(prompts, completions)
 
 
@@ -139,7 +147,7 @@ def test_a_broadcast_gives_each_worker_the_learners_weights_bitwise(tmp_path, ti
     """Two workers and the learner in one gloo group, outside torch.distributed's default group. Every trainable
     tensor arrives bitwise; frozen ones (LoRA's base model) are not sent; a task dispatched at version 2 after
     version 3 was broadcast runs with 3 (and says so); a version never broadcast is an error, not a silent reuse;
-    a restarted worker is in no group and takes the object store fallback."""
+    a restarted worker is in no group and takes the object store fallback until the group is re-formed."""
     from gvpo.modeling import load_model_and_tokenizer
     from gvpo.trainer import _prepare_model
     from gvpo.weight_sync import COLLECTIVE, CONCURRENCY, Publisher
@@ -190,6 +198,14 @@ def test_a_broadcast_gives_each_worker_the_learners_weights_bitwise(tmp_path, ti
         assert ray.get(workers[1].use_weights.remote(3, payload)) == 3
         held = ray.get(workers[1].held.remote())
         assert all(torch.equal(held[n], (p if n in trainable else start[n]).detach()) for n, p in mine.items())
+        # Every worker up again: a new group, version 3 broadcast to all, then broadcasts as before.
+        assert sync.regroup(3) is None and totals["weight_sync_regroups"] == 1
+        assert ray.get([w.use_weights.remote(3, None) for w in workers]) == [3, 3]
+        publish(4)
+        assert ray.get([w.use_weights.remote(4, None) for w in workers]) == [4, 4]
+        for held in ray.get([w.held.remote() for w in workers]):
+            assert all(torch.equal(held[n], (p if n in trainable else start[n]).detach()) for n, p in mine.items())
+        assert totals["weight_sync_fallbacks"] == 1
     finally:
         for w in workers:
             ray.kill(w)
@@ -199,13 +215,15 @@ def test_a_broadcast_gives_each_worker_the_learners_weights_bitwise(tmp_path, ti
 def test_lag_bound_holds_and_a_killed_worker_loses_no_group(tmp_path, tiny_model_dir, ray_address, weight_sync):
     """eta = 2 with 2 workers; one worker process is killed (SIGKILL) in the middle of its first task. GRPO, so
     stale rows take their clipped ratio against the workers' behaviour log-probs. With the collective broadcast
-    the group breaks: the rest of the run falls back to the object store."""
+    the group breaks: the object store serves until the worker is back, then the group is re-formed (the
+    surviving worker is held until then, so that it happens within the run)."""
     marker = tmp_path / "killed"
-    summary, steps, _ = _train(tmp_path, tiny_model_dir, "eta2", reward_funcs=(KillOnce(marker),),
+    summary, steps, _ = _train(tmp_path, tiny_model_dir, "eta2",
+                               reward_funcs=(KillOnce(marker, hold=weight_sync == "collective"),),
                                algorithm="grpo", rollout_workers=2, max_policy_lag=2, ray_address=ray_address,
                                weight_sync=weight_sync)
     assert marker.exists() and summary["worker_restarts"] == 1
-    assert summary["weight_sync_fallbacks"] == (weight_sync == "collective")
+    assert summary["weight_sync_fallbacks"] == summary["weight_sync_regroups"] == (weight_sync == "collective")
     assert summary["groups_regenerated"] == 4  # each step is split in two tasks of 4 groups
     assert summary["groups_generated"] == summary["groups_trained"] == STEPS * 8  # none lost, none twice
     assert all(r["policy_lag_max"] <= 2 for r in steps)

@@ -303,11 +303,15 @@ class AsyncSource:
                     self._queue.appendleft(task)  # never started: not a regeneration
                     self.totals["worker_restarts"] += 1
                     self._weights = self._sync.lost_worker(self._version)
+                    if not self._down:  # it is up already: the broadcast group can be re-formed
+                        self._weights = self._sync.regroup(self._version)
                 return
             raise (cause if isinstance(cause, Exception) else e) from None
         with self._cond:
             if task is None:  # the restarted worker answers: it may take tasks again
                 del self._down[w]
+                if not self._down:  # every worker is up: weight_sync=collective re-forms its group
+                    self._weights = self._sync.regroup(self._version)
                 return
             if task.step <= self._consumed:
                 raise RuntimeError(f"step {task.step} was already trained on; a group would be trained twice")

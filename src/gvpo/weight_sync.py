@@ -29,8 +29,9 @@ trainable weights, LoRA: the adapters), broadcast from and put into the object s
 each worker keeps the last received copy beside its model.
 
 Faults: a dead member breaks a gloo/NCCL group (the peers' next operation fails or times out). When a worker
-dies, or a broadcast fails, the run falls back to the object store for the rest of the run (counted in
-``weight_sync_fallbacks``); the group is not re-formed.
+dies, or a broadcast fails, weights go through the object store (``weight_sync_fallbacks``) until Ray has
+restarted every dead worker; then the group is re-formed on a new store among all workers, the current version
+is broadcast to all, and broadcasts resume (``weight_sync_regroups``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ import torch
 
 OBJECT_STORE, COLLECTIVE = "object_store", "collective"
 TIMEOUT = datetime.timedelta(seconds=120)  # a broadcast or group formation that a member never joins fails
-CONCURRENCY = {"weights": 1}  # the worker thread that receives broadcasts while generation runs
+# The worker threads that receive broadcasts while generation runs; two, so that joining a re-formed group is
+# not queued behind a receive left hanging (until TIMEOUT) by a broadcast that failed on the learner's side.
+# The learner waits for each join / receive before the next, so they never overlap otherwise.
+CONCURRENCY = {"weights": 2}
 GROUP_PREFIX = "gvpo-weights"
 
 
@@ -91,19 +95,22 @@ class Publisher:
 
     def __init__(self, ray, mode: str, workers: list, policy, totals: dict):
         self._ray, self._workers, self._totals = ray, workers, totals
-        self._broken = mode != COLLECTIVE
+        self._collective, self._grouped = mode == COLLECTIVE, False  # grouped: every worker in a working group
+        self._device = next(policy.parameters()).device
         self._lock = threading.Lock()
-        self._last = None  # (version, weights): the last published, for a fallback put
-        self._pg = None
+        self._last = None  # collective: (version, weights) last published, to put or re-broadcast
+        self._pg = self._store = None
         totals.setdefault("weight_sync_fallbacks", 0)
-        if mode == COLLECTIVE:
-            self._form(trainable_weights(policy, next(policy.parameters()).device))
+        totals.setdefault("weight_sync_regroups", 0)
+        if self._collective:
+            # Workers that fail to start raise here, not after a group-formation timeout.
+            ray.get([w.pid.remote() for w in workers])
+            self._form(trainable_weights(policy, self._device))
+            self._grouped = True
 
     def _form(self, weights: dict) -> None:
         import torch.distributed as dist
 
-        # Workers that fail to start raise here, not after a group-formation timeout.
-        self._ray.get([w.pid.remote() for w in self._workers])
         host = self._ray.util.get_node_ip_address()
         world = len(self._workers) + 1
         self._store = dist.TCPStore(host, 0, world, True, timeout=TIMEOUT, wait_for_workers=False)
@@ -117,30 +124,35 @@ class Publisher:
 
     def publish(self, policy, version: int):
         with self._lock:
-            self._payload = self._publish(policy, version)
+            if not self._collective:  # today's path
+                self._payload = [self._ray.put(trainable_weights(policy))]
+            else:
+                self._last = (version, trainable_weights(policy, self._device))
+                self._payload = self._broadcast_last() if self._grouped else self._put_last()
             return self._payload
-
-    def _publish(self, policy, version: int):
-        if self._broken:  # the object store (the mode, or the fallback): today's path
-            self._last = (version, None)
-            return [self._ray.put(trainable_weights(policy))]
-        weights = trainable_weights(policy, next(policy.parameters()).device)
-        self._last = (version, weights)
-        receives = [w.receive_weights.options(concurrency_group="weights").remote(version)
-                    for w in self._workers]
-        try:
-            broadcast(self._pg, version, list(weights.values()))
-            self._ray.get(receives, timeout=TIMEOUT.total_seconds())
-        except Exception as e:  # a member died during the broadcast: every worker uses the object store
-            return self._fall_back(f"broadcast of version {version} failed: {e}")
-        return None
 
     def lost_worker(self, version: int):
         """A worker died (its restarted process is in no group): the payload for ``version`` from now on."""
         with self._lock:
-            assert self._last[0] == version, (self._last[0], version)
-            if not self._broken:
+            assert self._last is None or self._last[0] == version, (self._last[0], version)
+            if self._grouped:
                 self._payload = self._fall_back("a rollout worker died")
+            return self._payload
+
+    def regroup(self, version: int):
+        """Every worker is up again: re-form the group and broadcast ``version``; the payload from now on."""
+        with self._lock:
+            if not self._collective or self._grouped:
+                return self._payload
+            assert self._last[0] == version, (self._last[0], version)
+            try:
+                self._form(self._last[1])
+            except Exception as e:  # e.g. a worker died again: stay on the object store until the next try
+                self._warn(f"re-forming the group failed ({e})")
+                return self._payload
+            self._grouped = True
+            self._totals["weight_sync_regroups"] += 1
+            self._payload = self._broadcast_last()
             return self._payload
 
     def close(self) -> None:
@@ -148,14 +160,31 @@ class Publisher:
         with self._lock:
             self._pg = self._store = None
 
+    def _broadcast_last(self):
+        version, weights = self._last
+        receives = [w.receive_weights.options(concurrency_group="weights").remote(version) for w in self._workers]
+        try:
+            broadcast(self._pg, version, list(weights.values()))
+            self._ray.get(receives, timeout=TIMEOUT.total_seconds())
+        except Exception as e:  # a member died during the broadcast
+            return self._fall_back(f"the broadcast of version {version} failed ({e})")
+        return None
+
+    def _put_last(self) -> list:
+        return [self._ray.put({k: v.cpu() for k, v in self._last[1].items()})]
+
     def _fall_back(self, why: str) -> list:
+        self._warn(why)
+        self._grouped, self._pg = False, None
+        self._totals["weight_sync_fallbacks"] += 1
+        return self._put_last()
+
+    @staticmethod
+    def _warn(why: str) -> None:
         import warnings
 
-        warnings.warn(f"weight_sync=collective: {why}; weights go through Ray's object store for the rest of the run")
-        self._broken = True
-        self._totals["weight_sync_fallbacks"] += 1
-        self._pg = None
-        return [self._ray.put({k: v.cpu() for k, v in self._last[1].items()})]
+        warnings.warn(f"weight_sync=collective: {why}; weights go through Ray's object store until every "
+                      "worker is up and the group is re-formed")
 
 
 class Receiver:
