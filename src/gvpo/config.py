@@ -122,7 +122,7 @@ class RolloutConfig:
     # How the learner's weights reach the workers after each step (README "Asynchronous training"):
     # "object_store" (default) = a copy in Ray's object store, fetched by each worker when it needs it;
     # "collective" = one broadcast to every worker through a process group (gloo when the learner is on CPU;
-    # NCCL on CUDA, not run here). A worker that dies makes the rest of the run fall back to the object store.
+    # NCCL on CUDA, not run here). While a dead worker restarts, the object store serves; then the group re-forms.
     weight_sync: str = "object_store"
 
     def __post_init__(self):
