@@ -21,7 +21,8 @@ NCCL on CUDA, not run; vLLM workers not run: see README).
 Faults: a worker process that dies is restarted by Ray (``max_restarts``); its unfinished task goes back to
 the front of the queue and is generated again, with the same prompts and seeds. A reward function that raises
 in a worker stops the run with its name (scoring.RewardError). Counters in ``run.totals``: groups_generated,
-groups_trained, groups_regenerated, worker_restarts.
+groups_trained, groups_regenerated, worker_restarts (and, weight_sync=collective, weight_sync_fallbacks /
+weight_sync_regroups: the broadcast group broke when a worker died, and was re-formed once it was back).
 """
 
 from __future__ import annotations
@@ -114,7 +115,14 @@ class AsyncSource:
                  else ray.remote(RolloutWorker))
         actor = actor.options(num_cpus=1, num_gpus=gpu, max_restarts=MAX_RESTARTS, max_task_retries=0)
         self.workers = [actor.remote(cfg, run.reward_funcs, run.reward_weights) for _ in range(cfg.rollout.rollout_workers)]
-        self._sync = weight_sync.Publisher(ray, cfg.rollout.weight_sync, self.workers, run.policy, self.totals)
+        try:  # collective: waits for the workers to start and form the group, which can fail
+            self._sync = weight_sync.Publisher(ray, cfg.rollout.weight_sync, self.workers, run.policy, self.totals)
+        except BaseException:  # the training loop's close() will not run: leave no worker behind
+            for w in self.workers:
+                ray.kill(w, no_restart=True)
+            if self._owns_ray:
+                ray.shutdown()
+            raise
         # The generate() argument that carries version self._version: [ObjectRef], or None (broadcast).
         self._version, self._weights = start_step, self._sync.publish(run.policy, start_step)
         now = time.perf_counter()

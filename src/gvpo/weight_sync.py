@@ -105,7 +105,12 @@ class Publisher:
         if self._collective:
             # Workers that fail to start raise here, not after a group-formation timeout.
             ray.get([w.pid.remote() for w in workers])
-            self._form(trainable_weights(policy, self._device))
+            try:
+                self._form(trainable_weights(policy, self._device))
+            except Exception as e:
+                raise RuntimeError(f"weight_sync=collective: the learner and the rollout workers could not form "
+                                   f"the broadcast group ({e}); every worker must reach the learner's node on a "
+                                   f"free TCP port, or use weight_sync=object_store") from e
             self._grouped = True
 
     def _form(self, weights: dict) -> None:
