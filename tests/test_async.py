@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from gvpo.config import load_config
+from gvpo.rollout_worker import RolloutWorker
 from gvpo.scoring import RewardError
 from gvpo.trainer import train
 from test_trainer import ROWS, read, sevens
@@ -85,25 +86,35 @@ def _assert_same_weights(a, b):
 
 
 class KillOnce:
-    """``sevens``, except that it kills the rollout worker process it runs in, the first time only."""
+    """``sevens``, except that it kills the rollout worker process it runs in, the first time only. With
+    ``hold``, a surviving worker's next call waits until a third process (the restarted worker) has scored a
+    task: the run cannot end before Ray brought the worker back."""
 
     __name__ = "kill_once"
 
-    def __init__(self, marker):
-        self.marker, self.learner = str(marker), os.getpid()
+    def __init__(self, marker, hold=False):
+        self.marker, self.learner, self.hold = str(marker), os.getpid(), hold
 
     def __call__(self, prompts, completions, **kwargs):
-        if os.getpid() != self.learner and not os.path.exists(self.marker):
-            Path(self.marker).write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+        if os.getpid() != self.learner:
+            Path(f"{self.marker}.called.{os.getpid()}").touch()
+            if not os.path.exists(self.marker):
+                Path(self.marker).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            deadline, marker = time.time() + 120, Path(self.marker)
+            while self.hold and len(list(marker.parent.glob(marker.name + ".called.*"))) < 3:
+                assert time.time() < deadline, "the killed worker was not restarted"
+                time.sleep(0.1)
         return sevens(prompts, completions)
 
 
-@pytest.mark.parametrize("algorithm", ["gvpo", "grpo"])
-def test_one_worker_lag_zero_reproduces_the_synchronous_run(tmp_path, tiny_model_dir, ray_address, algorithm):
+@pytest.mark.parametrize("algorithm, weight_sync", [("gvpo", "object_store"), ("grpo", "object_store"),
+                                                     ("gvpo", "collective")])
+def test_one_worker_lag_zero_reproduces_the_synchronous_run(tmp_path, tiny_model_dir, ray_address, algorithm,
+                                                            weight_sync):
     _, sync, w_sync = _train(tmp_path, tiny_model_dir, "sync", algorithm=algorithm)
     summary, steps, w_async = _train(tmp_path, tiny_model_dir, "async", algorithm=algorithm, rollout_workers=1,
-                                     max_policy_lag=0, ray_address=ray_address)
+                                     max_policy_lag=0, ray_address=ray_address, weight_sync=weight_sync)
     assert [r["reward_mean"] for r in steps] == [r["reward_mean"] for r in sync]
     assert [r["loss"] for r in steps] == [r["loss"] for r in sync]
     assert all(r["policy_lag_max"] == 0 for r in steps)
@@ -111,15 +122,108 @@ def test_one_worker_lag_zero_reproduces_the_synchronous_run(tmp_path, tiny_model
     start = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     assert max((w_sync[k] - start[k]).abs().max().item() for k in start) > 1e-3  # training moved the weights
     assert summary["groups_generated"] == summary["groups_trained"] == STEPS * 8
+    assert summary["weight_sync_fallbacks"] == 0
 
 
-def test_lag_bound_holds_and_a_killed_worker_loses_no_group(tmp_path, tiny_model_dir, ray_address):
+def _until_restarted(worker, old_pid: int, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if ray.get(worker.pid.remote()) != old_pid:
+                return
+        except ray.exceptions.RayActorError:  # calls fail until Ray has brought the process back
+            pass
+        assert time.time() < deadline, "Ray did not restart the worker"
+        time.sleep(0.5)
+
+
+class InspectableWorker(RolloutWorker):
+    def held(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_a_broadcast_gives_each_worker_the_learners_weights_bitwise(tmp_path, tiny_model_dir, ray_address, use_peft):
+    """Two workers and the learner in one gloo group, outside torch.distributed's default group. Every trainable
+    tensor arrives bitwise; frozen ones (LoRA's base model) are not sent; a task dispatched at version 2 after
+    version 3 was broadcast runs with 3 (and says so); a version never broadcast is an error, not a silent reuse;
+    a restarted worker is in no group and takes the object store fallback until the group is re-formed."""
+    from gvpo.modeling import load_model_and_tokenizer
+    from gvpo.trainer import _prepare_model
+    from gvpo.weight_sync import COLLECTIVE, CONCURRENCY, Publisher
+
+    config = config_for(tmp_path, tiny_model_dir, "bitwise", rollout_workers=2, weight_sync="collective",
+                        use_peft=use_peft, lora_r=2)
+    policy = _prepare_model(load_model_and_tokenizer(tiny_model_dir, config.model.dtype, False)[0], config)
+    actor = ray.remote(concurrency_groups=CONCURRENCY)(InspectableWorker).options(num_cpus=1, max_restarts=1)
+    workers = [actor.remote(config, [sevens], [1.0]) for _ in range(2)]
+    try:
+        totals = {}
+        sync = Publisher(ray, COLLECTIVE, workers, policy, totals)
+        torch.manual_seed(0)
+
+        def publish(version):
+            with torch.no_grad():
+                for p in policy.parameters():  # frozen ones too: they must not travel
+                    p.add_(torch.randn_like(p))
+            assert sync.publish(policy, version) is None  # None: the workers take their broadcast copy
+
+        publish(1)
+        assert ray.get([w.use_weights.remote(1, None) for w in workers]) == [1, 1]
+        publish(2)
+        publish(3)
+        assert not torch.distributed.is_initialized()  # a group of its own: a torchrun learner keeps its own
+        # A task dispatched at version 2 that starts after version 3 arrived runs with 3, and says so.
+        assert ray.get([w.use_weights.remote(2, None) for w in workers]) == [3, 3]
+        mine = dict(policy.named_parameters())
+        fresh = _prepare_model(load_model_and_tokenizer(tiny_model_dir, config.model.dtype, False)[0], config)
+        start = dict(fresh.named_parameters())
+        trainable = {n for n, p in mine.items() if p.requires_grad}
+        assert trainable and (len(trainable) < len(mine)) == use_peft
+        for held in ray.get([w.held.remote() for w in workers]):
+            assert held.keys() == mine.keys()
+            for n, p in mine.items():
+                assert torch.equal(held[n], (p if n in trainable else start[n]).detach()), n
+        with pytest.raises(ray.exceptions.RayTaskError, match="version 4 was not received"):
+            ray.get(workers[0].use_weights.remote(4, None))
+        assert totals["weight_sync_fallbacks"] == 0
+        # A worker restarted by Ray is in no group: it says so, and the learner falls back to the object store.
+        old = ray.get(workers[1].pid.remote())
+        os.kill(old, signal.SIGKILL)
+        _until_restarted(workers[1], old)
+        with pytest.raises(ray.exceptions.RayTaskError, match="not in the weight broadcast group"):
+            ray.get(workers[1].use_weights.remote(3, None))
+        payload = sync.lost_worker(3)
+        assert isinstance(payload, list) and totals["weight_sync_fallbacks"] == 1
+        assert ray.get(workers[1].use_weights.remote(3, payload)) == 3
+        held = ray.get(workers[1].held.remote())
+        assert all(torch.equal(held[n], (p if n in trainable else start[n]).detach()) for n, p in mine.items())
+        # Every worker up again: a new group, version 3 broadcast to all, then broadcasts as before.
+        assert sync.regroup(3) is None and totals["weight_sync_regroups"] == 1
+        assert ray.get([w.use_weights.remote(3, None) for w in workers]) == [3, 3]
+        publish(4)
+        assert ray.get([w.use_weights.remote(4, None) for w in workers]) == [4, 4]
+        for held in ray.get([w.held.remote() for w in workers]):
+            assert all(torch.equal(held[n], (p if n in trainable else start[n]).detach()) for n, p in mine.items())
+        assert totals["weight_sync_fallbacks"] == 1
+    finally:
+        for w in workers:
+            ray.kill(w)
+
+
+@pytest.mark.parametrize("weight_sync", ["object_store", "collective"])
+def test_lag_bound_holds_and_a_killed_worker_loses_no_group(tmp_path, tiny_model_dir, ray_address, weight_sync):
     """eta = 2 with 2 workers; one worker process is killed (SIGKILL) in the middle of its first task. GRPO, so
-    stale rows take their clipped ratio against the workers' behaviour log-probs."""
+    stale rows take their clipped ratio against the workers' behaviour log-probs. With the collective broadcast
+    the group breaks: the object store serves until the worker is back, then the group is re-formed (the
+    surviving worker is held until then, so that it happens within the run)."""
     marker = tmp_path / "killed"
-    summary, steps, _ = _train(tmp_path, tiny_model_dir, "eta2", reward_funcs=(KillOnce(marker),),
-                               algorithm="grpo", rollout_workers=2, max_policy_lag=2, ray_address=ray_address)
+    summary, steps, _ = _train(tmp_path, tiny_model_dir, "eta2",
+                               reward_funcs=(KillOnce(marker, hold=weight_sync == "collective"),),
+                               algorithm="grpo", rollout_workers=2, max_policy_lag=2, ray_address=ray_address,
+                               weight_sync=weight_sync)
     assert marker.exists() and summary["worker_restarts"] == 1
+    assert summary["weight_sync_fallbacks"] == summary["weight_sync_regroups"] == (weight_sync == "collective")
     assert summary["groups_regenerated"] == 4  # each step is split in two tasks of 4 groups
     assert summary["groups_generated"] == summary["groups_trained"] == STEPS * 8  # none lost, none twice
     assert all(r["policy_lag_max"] <= 2 for r in steps)
@@ -176,18 +280,23 @@ def test_a_crashed_async_run_resumes_from_its_checkpoint_as_the_synchronous_run(
     _assert_same_weights(w_sync, w_resumed)
 
 
-def test_two_torchrun_learners_lag_zero_equal_one_synchronous_process(tmp_path, tiny_model_dir, ray_address):
+@pytest.mark.parametrize("weight_sync", ["object_store", "collective"])
+def test_two_torchrun_learners_lag_zero_equal_one_synchronous_process(tmp_path, tiny_model_dir, ray_address,
+                                                                      weight_sync):
     """The learner as 2 gloo processes (rank 0 joins the cluster, whole groups per rank) against the synchronous
-    single-process run of tests/distributed_worker.py."""
+    single-process run of tests/distributed_worker.py. Collective: rank 0's broadcast group lives beside the
+    learners' default (torchrun) group."""
     from distributed_worker import run
     from test_distributed import _launch
 
     run(tiny_model_dir, str(tmp_path / "sync"), 3, 0)
     sync = load_file(str(tmp_path / "sync" / "checkpoints" / "step-000003" / "model.safetensors"))
     both = _launch(2, tiny_model_dir, tmp_path / "two", extra=["rollout_workers=1", "max_policy_lag=0",
-                                                                   f"ray_address={ray_address}"])
+                                                                   f"ray_address={ray_address}",
+                                                                   f"weight_sync={weight_sync}"])
     log = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["policy_lag_max"] for r in log if "loss" in r] == [0, 0, 0]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["weight_sync_fallbacks"] == 0
     for k in sync:
         torch.testing.assert_close(both[k], sync[k], rtol=1e-4, atol=1e-5)
 

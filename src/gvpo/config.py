@@ -119,6 +119,11 @@ class RolloutConfig:
     # Ray cluster for the workers: "" = start a local instance with this machine's cores; "auto" or
     # "host:port" = join a running cluster (`ray start --head`), so workers may live on other machines.
     ray_address: str = ""
+    # How the learner's weights reach the workers after each step (README "Asynchronous training"):
+    # "object_store" (default) = a copy in Ray's object store, fetched by each worker when it needs it;
+    # "collective" = one broadcast to every worker through a process group (gloo when the learner is on CPU;
+    # NCCL on CUDA, not run here). While a dead worker restarts, the object store serves; then the group re-forms.
+    weight_sync: str = "object_store"
 
     def __post_init__(self):
         if self.engine not in ("auto", "fast", "hf", "vllm"):
@@ -135,6 +140,8 @@ class RolloutConfig:
             _fail("rollout_workers", self.rollout_workers, "use 0 (synchronous) or the number of Ray rollout workers")
         if self.max_policy_lag < 0:
             _fail("max_policy_lag", self.max_policy_lag, "must be >= 0 (0 = synchronous semantics, default 1)")
+        if self.weight_sync not in ("object_store", "collective"):
+            _fail("weight_sync", self.weight_sync, "use object_store (default) or collective")
 
 
 @dataclass(frozen=True)

@@ -59,19 +59,26 @@ class RolloutWorker:
         self.reward_funcs, self.reward_weights = reward_funcs, reward_weights
         self.config = config
         self.version = None
+        self._receiver = None  # weight_sync=collective: this worker's member of the broadcast group
+
+    def join_weight_group(self, spec: dict, rank: int) -> None:
+        from gvpo.weight_sync import Receiver
+
+        self._receiver = Receiver(spec, rank)
+
+    def receive_weights(self, version: int) -> None:
+        """One broadcast (runs in the actor's ``weights`` thread, while :meth:`generate` may be running)."""
+        self._receiver.receive(version)
 
     def pid(self) -> int:
         return os.getpid()
 
-    def generate(self, task: Task, version: int, weights: list) -> Result:
+    def generate(self, task: Task, version: int, weights: list | None) -> Result:
         """Groups of ``task`` with policy ``version``; ``weights`` is ``[ObjectRef]`` of its trainable
-        parameters (boxed so that Ray fetches them only when this worker does not hold that version yet)."""
+        parameters (boxed so that Ray fetches them only when this worker does not hold that version yet), or
+        None: the newest version received by broadcast (``version`` or newer; the result says which)."""
         t0 = time.perf_counter()
-        if version != self.version:
-            import ray
-
-            self.load_weights(ray.get(weights[0]))
-            self.version = version
+        version = self.use_weights(version, weights)
         n = len(task.rows)
         rollout, rewards, metrics = generate_and_score(
             self.engine, self.tokenizer, task.rows, task.counts or [self.num_generations] * n, self.sampling, None,
@@ -81,6 +88,23 @@ class RolloutWorker:
         rollout = Rollout(rollout.completion_ids.cpu(), rollout.completion_mask.cpu(), rollout.behavior_logps.cpu(),
                           rollout.prompt_index.cpu())
         return Result(task, version, rollout, rewards, metrics, time.perf_counter() - t0)
+
+    def use_weights(self, version: int, weights: list | None) -> int:
+        """Hold ``version`` (or, from a broadcast, a newer one) in the model; the version now held."""
+        if weights is None:
+            from gvpo.weight_sync import NotInGroup
+
+            if self._receiver is None:  # a restarted process: the learner falls back to the object store
+                raise NotInGroup("this rollout worker process is not in the weight broadcast group")
+            version, staged = self._receiver.take(version)
+            if version != self.version:
+                self.load_weights(staged)
+        elif version != self.version:
+            import ray
+
+            self.load_weights(ray.get(weights[0]))
+        self.version = version
+        return version
 
     @torch.no_grad()
     def load_weights(self, weights: dict) -> None:

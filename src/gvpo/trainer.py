@@ -441,7 +441,8 @@ def _summary(totals, step, config) -> dict:
         "steps": step, "wall_seconds": round(totals["wall_seconds"], 2),
         "train_seconds": round(totals["train_seconds"], 2),
         "skipped_updates": totals["skipped_updates"], "output_dir": config.logging.output_dir,
-        # async mode: groups generated / trained / regenerated after a worker died, worker restarts
-        **{k: totals[k] for k in ("groups_generated", "groups_trained", "groups_regenerated", "worker_restarts")
-           if k in totals},
+        # async mode: groups generated / trained / regenerated after a worker died, worker restarts; weight_sync=
+        # collective: times the broadcast group broke (object store meanwhile) and was re-formed
+        **{k: totals[k] for k in ("groups_generated", "groups_trained", "groups_regenerated", "worker_restarts",
+                                  "weight_sync_fallbacks", "weight_sync_regroups") if k in totals},
     }
