@@ -73,3 +73,35 @@ def test_two_processes_resume_every_ranks_state(tmp_path, tiny_model_dir):
     part = _launch(2, tiny_model_dir, tmp_path / "part", steps=4, replay=2, extra=[*hf, "resume=true"])
     for k in whole:
         assert torch.equal(part[k], whole[k]), k
+
+
+def test_reward_timeout_on_one_rank_ends_every_rank(tmp_path, tiny_model_dir):
+    """A reward that hangs on rank 1 only: rank 1 stops after reward_timeout naming the function, and the job ends
+    (rank 0, blocked in a collective, sees its peer gone; torchrun stops it) instead of waiting on rank 1."""
+    (tmp_path / "hang_reward.py").write_text(
+        "import os, time\n"
+        "def hang_on_rank1(prompts, completions, **kwargs):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        time.sleep(3600)\n"
+        "    return [0.0] * len(completions)\n")
+    src = Path(__file__).parents[1] / "src"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(src), str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "gvpo.cli", "train", f"model_name_or_path={tiny_model_dir}",
+           "max_steps=3", "reward_funcs=[hang_reward:hang_on_rank1]", "reward_timeout=3", "prompts_per_step=4",
+           "num_generations=2", "eval_steps=0", "num_eval=4", f"output_dir={tmp_path / 'run'}"]
+    # A hang here (the bug) raises TimeoutExpired and fails the test. torchrun's workers run in sessions of their
+    # own: SIGTERM lets torchrun stop them before it exits, SIGKILL only if it does not.
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    assert proc.returncode != 0
+    assert "reward function 'hang_on_rank1' did not return within reward_timeout=3 s" in output
