@@ -44,7 +44,7 @@ def bench_model(ray, path: str, workers: int, reps: int) -> dict:
     from gvpo.modeling import load_model_and_tokenizer
     from gvpo.rollout_worker import RolloutWorker
     from gvpo.trainer import _prepare_model
-    from gvpo.weight_sync import COLLECTIVE, CONCURRENCY, OBJECT_STORE, Publisher, trainable_weights
+    from gvpo.weight_sync import COLLECTIVE, OBJECT_STORE, Publisher, actor_class, trainable_weights
 
     config = load_config(None, {"model_name_or_path": path, "rollout_workers": workers})
     policy = _prepare_model(load_model_and_tokenizer(path, config.model.dtype, False)[0], config)
@@ -52,8 +52,8 @@ def bench_model(ray, path: str, workers: int, reps: int) -> dict:
     mb = sum(t.numel() * t.element_size() for t in sent.values()) / 2**20
     modes = {}
     for mode in (OBJECT_STORE, COLLECTIVE):
-        cls = ray.remote(concurrency_groups=CONCURRENCY)(RolloutWorker) if mode == COLLECTIVE else ray.remote(RolloutWorker)
-        actors = [cls.options(num_cpus=1).remote(config, [], []) for _ in range(workers)]
+        cls = actor_class(ray, mode, RolloutWorker).options(num_cpus=1)
+        actors = [cls.remote(config, [], []) for _ in range(workers)]
         modes[mode] = (actors, Publisher(ray, mode, actors, policy, {}))
     times = {m: [] for m in modes}
     for version in range(1, reps + 2):

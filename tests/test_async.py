@@ -150,12 +150,12 @@ def test_a_broadcast_gives_each_worker_the_learners_weights_bitwise(tmp_path, ti
     a restarted worker is in no group and takes the object store fallback until the group is re-formed."""
     from gvpo.modeling import load_model_and_tokenizer
     from gvpo.trainer import _prepare_model
-    from gvpo.weight_sync import COLLECTIVE, CONCURRENCY, Publisher
+    from gvpo.weight_sync import COLLECTIVE, Publisher, actor_class
 
     config = config_for(tmp_path, tiny_model_dir, "bitwise", rollout_workers=2, weight_sync="collective",
                         use_peft=use_peft, lora_r=2)
     policy = _prepare_model(load_model_and_tokenizer(tiny_model_dir, config.model.dtype, False)[0], config)
-    actor = ray.remote(concurrency_groups=CONCURRENCY)(InspectableWorker).options(num_cpus=1, max_restarts=1)
+    actor = actor_class(ray, COLLECTIVE, InspectableWorker).options(num_cpus=1, max_restarts=1)
     workers = [actor.remote(config, [sevens], [1.0]) for _ in range(2)]
     try:
         totals = {}

@@ -20,17 +20,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(nproc: int, args: list[str], folder: Path) -> tuple[list[str], dict]:
+    """The command and environment of ``torchrun --nproc_per_node nproc args``: the package under test first on
+    the path (a checkout's src/, not whatever copy is installed), then ``folder`` (what the processes import)."""
+    src = Path(__file__).parents[1] / "src"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(src), str(folder), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), *args]
+    return cmd, env
+
+
 def _launch(nproc: int, model_dir: str, out: Path, steps: int = 3, replay: int = 0, extra: list[str] = (),
             crash: bool = False):
     """``extra``: more key=value config overrides (the async tests, resume); ``crash``: the run stops at its
     third step (tests/distributed_worker.py's crash_at) and leaves the step-2 checkpoint."""
     extra = [*extra, "crash_at=4", "save_steps=2"] if crash else list(extra)
-    # The package under test first (a checkout's src/, not whatever copy is installed), then the worker's folder.
-    src = Path(__file__).parents[1] / "src"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(src), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), model_dir, str(out), str(steps), str(replay), *extra]
+    cmd, env = _torchrun(nproc, [str(WORKER), model_dir, str(out), str(steps), str(replay), *extra], Path(__file__).parent)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if crash:
         assert done.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step-000002", done.stderr[-3000:]
@@ -84,13 +90,10 @@ def test_reward_timeout_on_one_rank_ends_every_rank(tmp_path, tiny_model_dir):
         "    if os.environ.get('RANK') == '1':\n"
         "        time.sleep(3600)\n"
         "    return [0.0] * len(completions)\n")
-    src = Path(__file__).parents[1] / "src"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(src), str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "gvpo.cli", "train", f"model_name_or_path={tiny_model_dir}",
-           "max_steps=3", "reward_funcs=[hang_reward:hang_on_rank1]", "reward_timeout=3", "prompts_per_step=4",
-           "num_generations=2", "eval_steps=0", "num_eval=4", f"output_dir={tmp_path / 'run'}"]
+    cmd, env = _torchrun(2, ["-m", "gvpo.cli", "train", f"model_name_or_path={tiny_model_dir}", "max_steps=3",
+                             "reward_funcs=[hang_reward:hang_on_rank1]", "reward_timeout=3", "prompts_per_step=4",
+                             "num_generations=2", "eval_steps=0", "num_eval=4", f"output_dir={tmp_path / 'run'}"],
+                         tmp_path)
     # A hang here (the bug) raises TimeoutExpired and fails the test. torchrun's workers run in sessions of their
     # own: SIGTERM lets torchrun stop them before it exits, SIGKILL only if it does not.
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -4,10 +4,7 @@ as they are. On the tiny random Qwen2 of tests/test_trl.py, on CPU."""
 
 import copy
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
 from gvpo.integrations.trl import GVPOTrainer  # noqa: E402
+from test_distributed import _torchrun  # noqa: E402
 from test_trl import CHARS, K, first_half_letters, make_config, recording_trainer, tiny  # noqa: E402, F401 (fixture)
 
 EOS = 1
@@ -276,14 +274,8 @@ def test_two_processes_put_the_same_demonstrations_in_the_same_groups_as_one(tin
     out = tmp_path / "two"
     out.mkdir()
     tests = Path(__file__).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests), os.environ.get("PYTHONPATH", "")])}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(tests / "trl_demonstrations_worker.py"), path,
-                           str(out), "8"], env=env, capture_output=True, text=True, timeout=300)
+    cmd, env = _torchrun(2, [str(tests / "trl_demonstrations_worker.py"), path, str(out), "8"], tests)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((out / f"seen{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]

@@ -110,9 +110,7 @@ class AsyncSource:
         self._error: BaseException | None = None
         self._stopping = False
         gpu = 1 if resolve_engine(cfg.rollout.engine) == "vllm" else 0  # vLLM workers: one GPU each (not run)
-        collective = cfg.rollout.weight_sync == weight_sync.COLLECTIVE
-        actor = (ray.remote(concurrency_groups=weight_sync.CONCURRENCY)(RolloutWorker) if collective
-                 else ray.remote(RolloutWorker))
+        actor = weight_sync.actor_class(ray, cfg.rollout.weight_sync, RolloutWorker)
         actor = actor.options(num_cpus=1, num_gpus=gpu, max_restarts=MAX_RESTARTS, max_task_retries=0)
         self.workers = [actor.remote(cfg, run.reward_funcs, run.reward_weights) for _ in range(cfg.rollout.rollout_workers)]
         try:  # collective: waits for the workers to start and form the group, which can fail
@@ -292,25 +290,15 @@ class AsyncSource:
                 if task is None:  # a ping: still restarting, ask again shortly
                     self._down[w][1] = now + 0.5
                     return
-                self._failures[w] += 1
-                if self._failures[w] > MAX_RESTARTS:
-                    raise RuntimeError(f"rollout worker {w} died {self._failures[w]} times; last: {e}") from e
-                self._queue.appendleft(task)  # the same prompts and seeds, generated again
+                self._lost(w, task, e)  # the same prompts and seeds, generated again
                 self._down[w] = [now, now]
                 self.totals["groups_regenerated"] += len(task.positions)
-                self.totals["worker_restarts"] += 1
-                self._weights = self._sync.lost_worker(self._version)
             return
         except ray.exceptions.RayTaskError as e:  # raised inside the worker, e.g. a reward function's RewardError
             cause = getattr(e, "cause", None)
             if isinstance(cause, weight_sync.NotInGroup):  # it died between tasks and Ray restarted it
                 with self._cond:
-                    self._failures[w] += 1
-                    if self._failures[w] > MAX_RESTARTS:
-                        raise RuntimeError(f"rollout worker {w} died {self._failures[w]} times; last: {e}") from e
-                    self._queue.appendleft(task)  # never started: not a regeneration
-                    self.totals["worker_restarts"] += 1
-                    self._weights = self._sync.lost_worker(self._version)
+                    self._lost(w, task, e)  # never started: not a regeneration
                     if not self._down:  # it is up already: the broadcast group can be re-formed
                         self._weights = self._sync.regroup(self._version)
                 return
@@ -326,6 +314,16 @@ class AsyncSource:
             self._done.setdefault(task.step, []).append(result)
             self.totals["groups_generated"] += len(task.positions)
             self._cond.notify_all()
+
+
+    def _lost(self, w: int, task: Task, error: BaseException) -> None:
+        """Worker ``w``'s process died (its task goes back to the front of the queue); holds ``self._cond``."""
+        self._failures[w] += 1
+        if self._failures[w] > MAX_RESTARTS:
+            raise RuntimeError(f"rollout worker {w} died {self._failures[w]} times; last: {error}") from error
+        self._queue.appendleft(task)
+        self.totals["worker_restarts"] += 1
+        self._weights = self._sync.lost_worker(self._version)
 
 
 def _select(rollout: Rollout, rewards: list, prompts: list[int], device) -> tuple[Rollout, list]:

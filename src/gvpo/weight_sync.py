@@ -54,6 +54,12 @@ class NotInGroup(RuntimeError):
     """Raised by a restarted worker process asked for a broadcast version: it joined no group."""
 
 
+def actor_class(ray, mode: str, worker_cls):
+    """The Ray actor class of the rollout workers: with ``collective``, a second thread group that receives
+    broadcasts while a task generates."""
+    return ray.remote(concurrency_groups=CONCURRENCY)(worker_cls) if mode == COLLECTIVE else ray.remote(worker_cls)
+
+
 def trainable_weights(policy, device="cpu") -> dict:
     """The parameters the learner changes, copied (frozen ones never move: a worker loaded them itself)."""
     return {n: p.detach().to(device, copy=True) for n, p in policy.named_parameters() if p.requires_grad}
