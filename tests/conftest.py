@@ -1,8 +1,27 @@
-"""Shared fixtures: a tiny random causal LM with a character-level tokenizer, saved to a local folder."""
+"""Shared fixtures: a tiny random causal LM with a character-level tokenizer, saved to a local folder.
 
-import pytest
-import torch
-from transformers.utils import logging as hf_logging
+The suite runs as on a new machine: before anything is imported, HOME (and the XDG folders that default to it)
+points at a fresh, empty folder of this session's, so no test reads a token or cache that an earlier run left in
+the user's home (~/.ray, ~/.cache, ~/.config), or writes there. Subprocesses (torchrun, `ray start`) inherit it.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+_HOME = tempfile.mkdtemp(prefix="gvpo-test-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+os.environ["HOME"] = _HOME
+for _name, _sub in (("XDG_CACHE_HOME", ".cache"), ("XDG_CONFIG_HOME", ".config"), ("XDG_DATA_HOME", ".local/share")):
+    os.environ[_name] = os.path.join(_HOME, _sub)
+for _name in ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "MPLCONFIGDIR", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+              "GVPO_CACHE_DIR"):
+    os.environ.pop(_name, None)  # these would point outside the fresh home
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()  # loading/saving bars of a 30k-parameter model are noise in test logs
 

@@ -46,5 +46,23 @@ def run(model_dir: str, out: str, steps: int, replay: int, extra: list[str] = ()
                  eval_rows=rows[:8])
 
 
+def record_group_at_exit(out) -> None:
+    """At interpreter exit, after every atexit hook registered later (gvpo's among them: atexit runs them last
+    in, first out), write whether torch.distributed's default group was still alive to OUT/exit_rank<R>.json."""
+    import atexit
+    import json
+    import os
+    from pathlib import Path
+
+    def record():
+        import torch.distributed as dist
+
+        alive = dist.is_available() and dist.is_initialized()
+        Path(out, f"exit_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"group_alive": alive}))
+
+    atexit.register(record)
+
+
 if __name__ == "__main__":
+    record_group_at_exit(sys.argv[2])
     run(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])

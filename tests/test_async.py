@@ -43,9 +43,12 @@ def ray_address(tmp_path_factory):
     """`ray start --head --block` with 2 CPUs (workers import this checkout and the test helpers); SIGTERM ends
     it and every process it started."""
     port, log = _free_port(), tmp_path_factory.mktemp("ray") / "head.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token",
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    # As the README tells a user on a new machine (conftest gives the suite a fresh HOME): make the token first.
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    cmd = [ray_cli, "start", "--head", "--block", f"--port={port}",
            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
     head = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -234,6 +237,21 @@ def test_lag_bound_holds_and_a_killed_worker_loses_no_group(tmp_path, tiny_model
     assert max(r["kl_behaviour_current"] for r in steps if r["policy_lag_max"] > 0) > 1e-4
     for key in ("learner_idle_seconds", "worker_idle_seconds", "groups_in_flight", "policy_lag_mean"):
         assert all(key in r for r in steps)
+
+
+def test_a_driver_without_the_clusters_token_gets_one_line_saying_what_to_run(tmp_path, tiny_model_dir, ray_address):
+    """A new machine that joins the token-authenticated cluster with no token (empty HOME, no RAY_AUTH_*): `gvpo
+    train` exits 1 with one error line naming ray_address and how to get the token, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(tmp_path / "new_home"), PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS)]))
+    done = subprocess.run([sys.executable, "-m", "gvpo.cli", "train", f"model_name_or_path={tiny_model_dir}",
+                           "rollout_workers=1", f"ray_address={ray_address}", f"output_dir={tmp_path / 'run'}"],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("gvpo train: error:")]
+    assert len(errors) == 1 and f"ray_address={ray_address}" in errors[0], done.stderr[-2000:]
+    assert "ray get-auth-token" in errors[0] and "RAY_AUTH_TOKEN" in errors[0], errors[0]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
 def test_a_raising_reward_in_a_worker_stops_the_run_with_its_name(tmp_path, tiny_model_dir, ray_address):

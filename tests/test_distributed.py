@@ -31,6 +31,14 @@ def _torchrun(nproc: int, args: list[str], folder: Path) -> tuple[list[str], dic
     return cmd, env
 
 
+def assert_group_ended(out: Path, nproc: int, stderr: str) -> None:
+    """Every rank destroyed its process group before interpreter shutdown (gvpo.process_group): a gloo group
+    left to finalization aborts a rank now and then, after the work is done."""
+    exits = [json.loads((out / f"exit_rank{r}.json").read_text()) for r in range(nproc)]
+    assert exits == [{"group_alive": False}] * nproc, exits
+    assert "terminate called" not in stderr, stderr[-3000:]
+
+
 def _launch(nproc: int, model_dir: str, out: Path, steps: int = 3, replay: int = 0, extra: list[str] = (),
             crash: bool = False):
     """``extra``: more key=value config overrides (the async tests, resume); ``crash``: the run stops at its
@@ -43,6 +51,7 @@ def _launch(nproc: int, model_dir: str, out: Path, steps: int = 3, replay: int =
         return None
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["num_processes"] == nproc
+    assert_group_ended(out, nproc, done.stderr)
     return load_file(str(out / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
 
 

@@ -42,7 +42,7 @@ SKIP = {
     "gvpo train --config configs/math_qwen2.5_1.5b.yaml": "hub + GPU: the paper's training setup",
     "pip install gvpo[ray]": "network: installs packages (.venv already has them)",
     "gvpo train rollout_workers=1": "Ray: starts a Ray instance (tests/test_async.py runs these paths on one shared one)",
-    "RAY_AUTH_MODE=token gvpo train": "a Ray cluster on several machines",
+    "gvpo train rollout_workers=8 ray_address=HEAD": "a Ray cluster on several machines",
     "bash scripts/gpu_check.sh": "GPU: the prepared GPU check (its --quick CPU mode runs in tests/test_gpu_check.py)",
 }
 

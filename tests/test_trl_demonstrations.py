@@ -15,7 +15,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
 from gvpo.integrations.trl import GVPOTrainer  # noqa: E402
-from test_distributed import _torchrun  # noqa: E402
+from test_distributed import _torchrun, assert_group_ended  # noqa: E402
 from test_trl import CHARS, K, first_half_letters, make_config, recording_trainer, tiny  # noqa: E402, F401 (fixture)
 
 EOS = 1
@@ -277,6 +277,7 @@ def test_two_processes_put_the_same_demonstrations_in_the_same_groups_as_one(tin
     cmd, env = _torchrun(2, [str(tests / "trl_demonstrations_worker.py"), path, str(out), "8"], tests)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_group_ended(out, 2, done.stderr)
     ranks = [json.loads((out / f"seen{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert all(len(call[0]) == 8 for r in ranks for call in r["seen"])  # each rank scored its own 2 groups

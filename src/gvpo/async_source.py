@@ -51,9 +51,8 @@ COUNTERS = ("groups_generated", "groups_trained", "groups_regenerated", "worker_
 
 
 def _import_ray(address: str):
-    if address and "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ \
-            and (Path.home() / ".ray" / "auth_token").exists():
-        # Ray >= 2.60: a cluster started by `ray start` requires the token it saved in ~/.ray; a driver that
+    if address and "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ and _has_token():
+        # Ray >= 2.60: a cluster started by `ray start` where a token exists requires that token; a driver that
         # joins it sends the token only when this is set before ray is imported (measured with Ray 2.60).
         os.environ["RAY_AUTH_MODE"] = "token"
     try:
@@ -63,12 +62,33 @@ def _import_ray(address: str):
     return ray
 
 
+# Ray >= 2.60 authenticates with a token; the message a user who forgot it gets, with what to run.
+TOKEN_HINT = ("Is it running, and does this machine have its token? A cluster started where `ray get-auth-token "
+              "--generate` made one requires it on every node and driver: copy the head's ~/.ray/auth_token here, or "
+              "export RAY_AUTH_TOKEN=<the output of `ray get-auth-token` on the head>.")
+
+
+def _has_token() -> bool:
+    """A Ray token is available to this process: the environment (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) or
+    the default file, where `ray get-auth-token --generate` writes it."""
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")) \
+        or (Path.home() / ".ray" / "auth_token").exists()
+
+
+def _first_sentence(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+
+
 def connect(ray, address: str, num_workers: int) -> bool:
     """Join ``address`` or start a local Ray instance with this machine's cores; True when this call
     connected (then :meth:`AsyncSource.close` disconnects), False when Ray was already initialised."""
     owns = not ray.is_initialized()
     if owns and address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+            raise ConnectionError(f"ray_address={address}: could not join the Ray cluster ({_first_sentence(e)}). "
+                                  f"{TOKEN_HINT}") from None
     elif owns:
         # "local": a new instance even when `ray start` left an address behind in /tmp/ray.
         # Workers import what this process imports (a checkout's src/, the script's folder, ...).

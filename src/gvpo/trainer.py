@@ -28,6 +28,7 @@ from gvpo.groups import LocalSource, sampling_params, trainer_state_for
 from gvpo.lag import SimulatedLag
 from gvpo.modeling import load_model_and_tokenizer
 from gvpo.old_policy import OldPolicy
+from gvpo.process_group import destroy_at_exit
 from gvpo.replay import ReplayBuffer, mix_history
 from gvpo.rollout import make_engine
 from gvpo.sampler import PromptSampler
@@ -146,6 +147,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
     AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True without CUDA: accelerate then treats torchrun's / accelerate launch's processes as MULTI_CPU (gloo).
     accelerator = Accelerator(mixed_precision="bf16" if cfg_t.bf16 else "no", cpu=not torch.cuda.is_available())
+    destroy_at_exit()  # a gloo group left to interpreter shutdown can abort a rank after training (process_group.py)
     if cfg_r.prompts_per_step % accelerator.num_processes:
         raise ValueError(f"prompts_per_step={cfg_r.prompts_per_step}: must be a multiple of the number of "
                          f"processes ({accelerator.num_processes}) so that every rank holds whole groups")

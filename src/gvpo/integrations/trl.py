@@ -64,6 +64,7 @@ from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, uns
 from gvpo import demonstrations
 from gvpo.groups import step_seeds
 from gvpo.losses import gvpo_loss
+from gvpo.process_group import destroy_at_exit
 
 TRL_TESTED = ">=1.16,<1.17"
 if not Version("1.16") <= Version(trl.__version__) < Version("1.17"):
@@ -242,6 +243,7 @@ class GVPOTrainer(GRPOTrainer):
             super().__init__(model, reward_funcs, args, *more, **kwargs)
         finally:
             args.beta = self.gvpo_beta
+        destroy_at_exit()  # TRL leaves the process group to interpreter shutdown, which can abort a rank
 
     def _generate_and_score_completions(self, inputs):
         plan = None
