@@ -378,7 +378,8 @@ def astar_po_loss(
     code and TRL's A2POTrainer). Defaults beta1 = 0.5, beta2 = 1e-3 are the authors' scripts and TRL's.
 
     Deviations, and why:
-    - V: the paper estimates V* offline from N = 8 separate samples of pi_ref per prompt. Here, unless
+    - V: the paper estimates V* offline from separate samples of pi_ref (N = 8 in the authors' scripts and
+      TRL). Here, unless
       ``v_star`` is given, V_i comes from the other k - 1 responses of y_i's group
       (:func:`leave_one_out_soft_value`): no extra generation, and V_i stays independent of y_i. Those
       responses come from the sampler, which is pi_ref itself only at the first step or when the reference
@@ -387,7 +388,8 @@ def astar_po_loss(
     - k responses per prompt instead of one; without ``v_star`` singleton groups are skipped and counted.
     - The reference (``old_logps``) is whatever old_policy gives; the paper's pi_ref is the frozen initial
       model, which is what ``algorithm=astar_po old_policy=auto`` resolves to.
-    - The paper's Stage-1 option to drop prompts whose reference samples all fail is not applied.
+    - Stage 1's option to drop prompts whose reference samples all fail (TRL's ``filter_all_incorrect``) is
+      not applied.
 
     Args:
         logps, old_logps, mask, rewards, group_ids: as :func:`gvpo_loss`; ``old_logps`` is pi_ref.
