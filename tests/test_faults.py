@@ -32,7 +32,8 @@ class Recorder:
 
         def loss_fn(logps, old, mask, rewards, group_ids, **kwargs):
             self.calls.append(dict(logps=logps.detach().clone(), old=old.detach().clone(), mask=mask.clone(),
-                                   inputs=self._last_inputs, kwargs=kwargs))
+                                   rewards=rewards.clone(), group_ids=group_ids.clone(), inputs=self._last_inputs,
+                                   kwargs=kwargs))
             return real_loss(logps, old, mask, rewards, group_ids, **kwargs)
 
         monkeypatch.setitem(gvpo.update.LOSSES, algorithm, loss_fn)
@@ -106,11 +107,13 @@ def first_gradient(monkeypatch):
 
 
 def odd_unscorable(prompts, completions, **kw):
-    """Groups of unequal size (some responses leave), so per-micro-batch normalisation would show."""
-    return [None if (i * 7) % 5 == 0 else v for i, v in enumerate(sevens(prompts, completions))]
+    """Groups of unequal size (some responses leave; the first prompt keeps one), so per-micro-batch
+    normalisation, or counting a singleton where the loss skips it, would show."""
+    return [None if 0 < i < 8 or (i >= 8 and (i * 7) % 5 == 0) else v
+            for i, v in enumerate(sevens(prompts, completions))]
 
 
-@pytest.mark.parametrize("algorithm", ["gvpo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("algorithm", ["gvpo", "grpo", "dr_grpo", "astar_po"])
 def test_micro_batches_accumulate_the_whole_mini_batch_gradient(tmp_path, tiny_model_dir, monkeypatch, algorithm):
     out = []
     for micro in (0, 1):  # the whole mini-batch at once vs one prompt's group per micro-batch
@@ -168,6 +171,35 @@ def test_grpo_kl_reference_is_the_frozen_initial_model(tmp_path, tiny_model_dir,
     start, _ = load_model_and_tokenizer(tiny_model_dir)
     torch.testing.assert_close(ref, logps_of(start, second), atol=1e-5, rtol=0)
     assert float((ref - second["logps"] * second["mask"]).abs().max()) > 1e-3  # not the current policy
+
+
+def test_astar_po_reference_is_the_frozen_initial_model(tmp_path, tiny_model_dir, monkeypatch):
+    """A*-PO's pi_ref (old_policy auto) is the start model at every step, not the policy of the step."""
+    rec = Recorder(monkeypatch, "astar_po")
+    train(config_for(tmp_path, tiny_model_dir, max_steps=2, algorithm="astar_po"), reward_funcs=[sevens],
+          train_rows=ROWS, eval_rows=ROWS[:4])
+    second = rec.calls[-1]
+    start, _ = load_model_and_tokenizer(tiny_model_dir)
+    torch.testing.assert_close(second["old"] * second["mask"], logps_of(start, second), atol=1e-5, rtol=0)
+    assert seq_gap(second) > 1e-3  # not the current policy
+    assert set(second["kwargs"]) == {"beta1", "beta2", "num_sequences"}
+
+
+def test_astar_po_update_divides_by_the_responses_it_uses(tmp_path, tiny_model_dir, monkeypatch):
+    """One micro-batch: the loss the update takes is the plain A*-PO mean over responses in groups of >= 2
+    (a singleton, which the loss skips, must not count)."""
+    from gvpo.losses import astar_po_loss
+
+    rec = Recorder(monkeypatch, "astar_po")
+    train(config_for(tmp_path, tiny_model_dir, max_steps=1, algorithm="astar_po"), reward_funcs=[odd_unscorable],
+          train_rows=ROWS, eval_rows=ROWS[:4])
+    (call,) = rec.calls
+    _, counts = torch.unique(call["group_ids"], return_counts=True)
+    assert (counts == 1).any()  # the case this test is about
+    args = (call["logps"], call["old"], call["mask"], call["rewards"], call["group_ids"])
+    taken, _ = astar_po_loss(*args, **call["kwargs"])
+    plain, _ = astar_po_loss(*args, beta1=call["kwargs"]["beta1"], beta2=call["kwargs"]["beta2"])
+    assert taken.item() == pytest.approx(plain.item(), rel=1e-6) and plain.item() > 0
 
 
 def test_max_time_seconds_stops_the_run(tmp_path, tiny_model_dir):

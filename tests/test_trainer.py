@@ -35,7 +35,7 @@ def read(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algorithm", ["gvpo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("algorithm", ["gvpo", "grpo", "dr_grpo", "astar_po"])
 def test_reward_goes_up(tmp_path, tiny_model_dir, algorithm):
     cfg = config_for(tmp_path, tiny_model_dir, algorithm=algorithm)
     summary = train(cfg, reward_funcs=[sevens], train_rows=ROWS, eval_rows=ROWS[:16])

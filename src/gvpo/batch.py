@@ -49,6 +49,11 @@ class Batch:
         _, counts = torch.unique(self.group_ids, return_counts=True)
         return int((counts >= 2).sum())
 
+    def num_grouped_sequences(self) -> int:
+        """Responses in groups of at least two (those A*-PO's group estimate of V* can use)."""
+        _, counts = torch.unique(self.group_ids, return_counts=True)
+        return int(counts[counts >= 2].sum())
+
 
 def make_batch(prompt_ids: list[list[int]], rollout: Rollout, rewards: list[float], group_ids: list[int],
                pad_token_id: int, is_replayed: list[bool] | None = None,

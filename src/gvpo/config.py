@@ -18,6 +18,10 @@ from pathlib import Path
 import yaml
 
 
+# The algorithms whose loss takes a clipped token ratio (and kl_coef, off_policy_correction, demonstration_loss).
+RATIO_LOSSES = ("grpo", "dr_grpo")
+
+
 def _fail(name: str, value, how: str):
     raise ValueError(f"{name}={value!r}: {how}")
 
@@ -146,10 +150,15 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    # gvpo, grpo or dr_grpo; all three train on the same batches.
+    # gvpo, grpo, dr_grpo or astar_po (A*-PO, a ratio-free peer: docs/peers.md); all train on the same batches.
     algorithm: str = "gvpo"
     # GVPO's beta: the target is pi* = pi_theta' exp(R / beta) / Z. Only used by gvpo.
     beta: float = 0.1
+    # A*-PO only (names and defaults of TRL's A2POConfig and the authors' scripts): beta1 is the temperature of
+    # the optimal-value estimate V = beta1 log mean exp(R / beta1) over the group's other responses; beta2 the
+    # KL strength of the regression beta2 log(pi_theta / pi_ref) ~ R - V. pi_ref is old_policy (auto: initial).
+    beta1: float = 0.5
+    beta2: float = 1e-3
     # GRPO / Dr. GRPO clipping range [1 - epsilon, 1 + epsilon_high]; epsilon_high defaults to epsilon.
     epsilon: float = 0.2
     epsilon_high: float | None = None
@@ -166,7 +175,8 @@ class AlgorithmConfig:
     # under simulated_policy_lag / async rollouts): on fresh groups they coincide up to numerics (rollout
     # engine vs teacher forcing), whatever the number of updates. Both are log-probs of the temperature-scaled
     # distribution (the trainer divides logits by rollout.temperature, the engines sample from it).
-    # "auto" (default): "behaviour" for GVPO on stale groups (rollout_workers > 0 with max_policy_lag > 0, or
+    # "auto" (default): "initial" for A*-PO (its pi_ref is the frozen start model); for the others "behaviour" for
+    # GVPO on stale groups (rollout_workers > 0 with max_policy_lag > 0, or
     # simulated_policy_lag > 0; not with demonstrations), else "previous". Why: in docs/async.md (5 seeds, eta 1-8) previous lost 10-62
     # points to staleness, like GRPO without a ratio correction, while behaviour held at beta 0.5 (which we
     # recommend for async runs; beta's default stays the paper's 0.1, which lost 6-23 points there).
@@ -194,10 +204,12 @@ class AlgorithmConfig:
     def __post_init__(self):
         if self.reward_timeout < 0:
             _fail("reward_timeout", self.reward_timeout, "seconds per reward call, >= 0 (0 = no limit)")
-        if self.algorithm not in ("gvpo", "grpo", "dr_grpo"):
-            _fail("algorithm", self.algorithm, "use gvpo, grpo or dr_grpo")
+        if self.algorithm not in ("gvpo", "grpo", "dr_grpo", "astar_po"):
+            _fail("algorithm", self.algorithm, "use gvpo, grpo, dr_grpo or astar_po")
         if self.beta <= 0:
             _fail("beta", self.beta, "GVPO needs beta > 0 (the paper's default is 0.1)")
+        if self.beta1 <= 0 or self.beta2 <= 0:
+            _fail("beta1/beta2", (self.beta1, self.beta2), "A*-PO needs both > 0 (the paper's are 0.5 and 1e-3)")
         if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             _fail("epsilon", self.epsilon, "clipping bounds must be > 0 (default 0.2)")
         if self.kl_coef < 0:
@@ -208,7 +220,7 @@ class AlgorithmConfig:
             _fail("old_policy", self.old_policy, "use auto, previous, behaviour, initial or ema")
         if self.off_policy_correction not in ("behaviour", "none"):
             _fail("off_policy_correction", self.off_policy_correction, "use behaviour (default) or none")
-        if self.off_policy_correction == "none" and self.old_policy == "behaviour" and self.algorithm != "gvpo":
+        if self.off_policy_correction == "none" and self.old_policy == "behaviour" and self.algorithm in RATIO_LOSSES:
             _fail("off_policy_correction", "none", "with old_policy=behaviour the ratio is against the behaviour "
                   "log-probs anyway; use old_policy=previous for the uncorrected ablation")
         if not 0 < self.ema_decay < 1:
@@ -343,6 +355,8 @@ class Config:
         mode = self.algorithm.old_policy
         if mode != "auto":
             return mode
+        if self.algorithm.algorithm == "astar_po":
+            return "initial"
         stale = (self.rollout.rollout_workers > 0 and self.rollout.max_policy_lag > 0) \
             or self.training.simulated_policy_lag > 0
         demos = bool(self.data.demonstration_column and self.data.demonstrations_per_group)

@@ -1,4 +1,4 @@
-"""Policy losses as pure functions of tensors: GVPO and the GRPO / Dr. GRPO baselines.
+"""Policy losses as pure functions of tensors: GVPO, the GRPO / Dr. GRPO baselines and the ratio-free peer A*-PO.
 
 Every loss takes per-token log-probs and returns ``(loss, metrics)``; ``metrics`` holds detached 0-dim
 tensors (no device sync here: the caller decides when to read them). No model, no logging, no globals.
@@ -8,6 +8,8 @@ any integers, groups of any size, in any order (not necessarily contiguous).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -325,4 +327,115 @@ def dr_grpo_loss(
                           off_policy_mask=off_policy_mask, policy_shaping_gamma=policy_shaping_gamma)
 
 
-LOSSES = {"gvpo": gvpo_loss, "grpo": grpo_loss, "dr_grpo": dr_grpo_loss}
+# --------------------------------------------------------------------------------------------------
+# A*-PO: a ratio-free peer of GVPO that regresses the log-ratio onto an optimal-value-baselined reward.
+
+
+def leave_one_out_soft_value(rewards: torch.Tensor, group_ids: torch.Tensor, beta1: float) -> torch.Tensor:
+    """V_i = beta1 * log( 1/(k-1) * sum_{j in group(i), j != i} exp(R_j / beta1) ), detached (B,).
+
+    A*-PO's Stage-1 estimator of V*(x) (Brantley et al. 2025; the authors' ``_process_values`` in ZhaolinGao/A-PO
+    and TRL's A2POTrainer) applied to the k - 1 *other* responses of the group, so that V_i does not depend on
+    y_i (as the paper's separately sampled estimate does not). -inf for singletons. Exact: a log-sum-exp over a
+    (B, k_max) table, no subtraction of exponentials (which would cancel catastrophically for small beta1).
+    """
+    index, counts = group_index(group_ids)
+    G, B, k_max = counts.numel(), index.numel(), int(counts.max())
+    order = torch.argsort(index, stable=True)
+    starts = torch.cumsum(counts, 0) - counts  # (G,)
+    pos = torch.empty_like(index)
+    pos[order] = torch.arange(B, device=index.device) - starts[index[order]]  # (B,) slot within the group
+    scaled = rewards.detach() / beta1
+    table = torch.full((G, k_max), -math.inf, dtype=scaled.dtype, device=scaled.device)
+    table[index, pos] = scaled
+    others = table[index]  # (B, k_max)
+    others[torch.arange(B, device=index.device), pos] = -math.inf  # leave y_i out
+    n_others = (counts[index] - 1).clamp(min=1).to(scaled.dtype)  # (B,); singletons: log-sum-exp = -inf
+    return beta1 * (torch.logsumexp(others, dim=1) - torch.log(n_others))
+
+
+def astar_po_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    beta1: float = 0.5,
+    beta2: float = 1e-3,
+    v_star: torch.Tensor | None = None,
+    num_sequences: float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """A*-PO's Stage-2 least-squares regression (Brantley et al. 2025, arXiv 2505.20686; equation cited from the
+    authors' ``compute_policy_loss`` in ZhaolinGao/A-PO and TRL's experimental A2POTrainer, which agree):
+
+        L = mean_i [ beta2 * (s_i - o_i) - (R_i - V_i) ]^2
+
+    with s_i = sum_t logps (a sum over completion tokens, as GVPO and the authors' ``compute_policy_loss``),
+    o_i the same under the reference policy (``old_logps``, detached) and V_i the optimal value
+    V*(x) = beta1 * log E_{y ~ pi_ref} exp(R(x, y) / beta1). No importance ratio, no clipping, no centring of the
+    log-ratio: the per-response target is fixed, so its minimiser is pi_ref(y|x) exp((R - V) / beta2), the
+    KL-regularised optimum when V is exact and beta1 = beta2. Plain squared error, no 1/2 (as the authors'
+    code and TRL's A2POTrainer). Defaults beta1 = 0.5, beta2 = 1e-3 are the authors' scripts and TRL's.
+
+    Deviations, and why:
+    - V: the paper estimates V* offline from separate samples of pi_ref (N = 8 in the authors' scripts and
+      TRL). Here, unless
+      ``v_star`` is given, V_i comes from the other k - 1 responses of y_i's group
+      (:func:`leave_one_out_soft_value`): no extra generation, and V_i stays independent of y_i. Those
+      responses come from the sampler, which is pi_ref itself only at the first step or when the reference
+      is the sampler (old_policy previous / behaviour); with old_policy = initial later on V estimates the
+      sampler's soft value, not pi_ref's. Pass ``v_star`` (B,) to use the paper's offline estimate exactly.
+    - k responses per prompt instead of one; without ``v_star`` singleton groups are skipped and counted.
+    - The reference (``old_logps``) is whatever old_policy gives; the paper's pi_ref is the frozen initial
+      model, which is what ``algorithm=astar_po old_policy=auto`` resolves to.
+    - Stage 1's option to drop prompts whose reference samples all fail (TRL's ``filter_all_incorrect``) is
+      not applied.
+
+    Args:
+        logps, old_logps, mask, rewards, group_ids: as :func:`gvpo_loss`; ``old_logps`` is pi_ref.
+        beta1: temperature of the soft value V (> 0; large beta1 gives the mean of the others' rewards).
+        beta2: KL-regularisation strength of the regression target (> 0).
+        v_star: (B,) a given V per response (the same for a prompt's responses); skips the group estimate.
+        num_sequences: divide the summed squared errors by this instead of the number of responses used here;
+            pass the global count when one batch is split into micro-batches or across processes.
+    """
+    _check_inputs(logps, old_logps, mask, rewards, group_ids)
+    if not beta1 > 0 or not beta2 > 0:
+        raise ValueError(f"beta1={beta1}, beta2={beta2}: A*-PO needs both > 0 (the paper uses 0.5 and 1e-3)")
+    seq = sequence_logps(logps, mask)  # (B,)
+    old_seq = sequence_logps(old_logps.detach(), mask)  # (B,)
+    r = rewards.to(seq.dtype)
+    index, counts = group_index(group_ids)
+    if v_star is not None:
+        if not isinstance(v_star, torch.Tensor) or tuple(v_star.shape) != (logps.shape[0],) \
+                or not torch.isfinite(v_star).all():
+            raise ValueError(f"v_star: expected a finite tensor of shape {(logps.shape[0],)} (one V*(x) per "
+                             f"response), got {_describe(v_star)}")
+        value = v_star.detach().to(seq.dtype)  # (B,)
+        used = torch.ones_like(index, dtype=torch.bool)
+    else:
+        used = counts[index] >= 2  # (B,) a singleton has no other response to estimate V from
+        value = torch.where(used, leave_one_out_soft_value(r, group_ids, beta1), torch.zeros_like(r))
+    implicit = beta2 * (seq - old_seq)  # (B,)
+    advantage = r - value  # (B,) the optimal-advantage estimate, constant
+    residual = torch.where(used, implicit - advantage, torch.zeros_like(implicit))  # (B,)
+    n_used = used.sum()
+    denom = torch.as_tensor(num_sequences, dtype=seq.dtype, device=seq.device) if num_sequences is not None \
+        else n_used.clamp(min=1)
+    loss = residual.square().sum() / denom  # an exact 0 on the graph when nothing is used
+
+    with torch.no_grad():
+        n = n_used.clamp(min=1)
+        metrics = {
+            "loss": loss.detach(),
+            "v_star_mean": (value * used).sum() / n,
+            "advantage_mean": (advantage * used).sum() / n,
+            "implicit_reward_mean": (implicit * used).sum() / n,
+            "residual_abs_mean": residual.abs().sum() / n,
+            "sequences_used": n_used.to(seq.dtype),
+            "sequences_skipped": (~used).sum().to(seq.dtype),
+        }
+    return loss, metrics
+
+
+LOSSES = {"gvpo": gvpo_loss, "grpo": grpo_loss, "dr_grpo": dr_grpo_loss, "astar_po": astar_po_loss}

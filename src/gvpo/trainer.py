@@ -22,7 +22,7 @@ import torch
 from gvpo import checkpoint as ckpt
 from gvpo import demonstrations
 from gvpo.batch import make_batch
-from gvpo.config import Config, save_config
+from gvpo.config import RATIO_LOSSES, Config, save_config
 from gvpo.data import encode_rows
 from gvpo.groups import LocalSource, sampling_params, trainer_state_for
 from gvpo.lag import SimulatedLag
@@ -183,7 +183,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
         config=config, accelerator=accelerator, model=model, policy=policy, tokenizer=tokenizer,
         optimizer=optimizer, scheduler=scheduler, engine=make_engine(cfg_r.engine, policy, tokenizer),
         old_policy=OldPolicy(config.old_policy_mode(), policy, cfg_a.ema_decay,
-                             need_ref=cfg_a.algorithm != "gvpo" and cfg_a.kl_coef > 0),
+                             need_ref=cfg_a.algorithm in RATIO_LOSSES and cfg_a.kl_coef > 0),
         sampler=PromptSampler(len(train_rows), seed=cfg_t.seed),
         replay=ReplayBuffer(config.replay.max_staleness, capacity=cfg_r.num_generations)
         if config.replay.num_historical else None,

@@ -1,5 +1,5 @@
-"""The update of one training step: mini-batches and micro-batches of whole groups, one loss for all three
-algorithms, gradient reduction once per mini-batch, and a skipped (counted) update on a non-finite gradient."""
+"""The update of one training step: mini-batches and micro-batches of whole groups, one loss call for every
+algorithm, gradient reduction once per mini-batch, and a skipped (counted) update on a non-finite gradient."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import torch
 
 from gvpo.batch import Batch, split_groups
+from gvpo.config import RATIO_LOSSES
 from gvpo.losses import LOSSES
 from gvpo.modeling import token_logps
 
@@ -47,7 +48,7 @@ def update(run, batch: Batch) -> dict:
                         logps = token_logps(model, micro.input_ids, micro.attention_mask, micro.position_ids,
                                             micro.completion_mask.shape[1], temperature)
                     old = logps.detach() if reuse_detached else micro.old_logps
-                    if cfg_a.algorithm != "gvpo":
+                    if cfg_a.algorithm in RATIO_LOSSES:
                         old = ratio_denominator(old, micro, cfg_a.off_policy_correction)
                     if first_update:  # the learner's start-of-step weights: measure how stale the batch is
                         _add_behaviour_kl(kl_sums, logps.detach(), micro)
@@ -122,6 +123,9 @@ def _loss(loss_fn, cfg_a, logps, old, micro: Batch, totals_mb: dict, world: int)
     args = (logps, old, micro.completion_mask, micro.rewards, micro.group_ids)
     if cfg_a.algorithm == "gvpo":
         return loss_fn(*args, beta=cfg_a.beta, num_groups=max(totals_mb["groups"], 1) / world)
+    if cfg_a.algorithm == "astar_po":  # a mean over the responses of groups with k >= 2
+        return loss_fn(*args, beta1=cfg_a.beta1, beta2=cfg_a.beta2,
+                       num_sequences=max(totals_mb["grouped_sequences"], 1) / world)
     kwargs = dict(epsilon=cfg_a.epsilon, epsilon_high=cfg_a.epsilon_high, kl_coef=cfg_a.kl_coef,
                   ref_logps=micro.ref_logps)
     if cfg_a.algorithm == "dr_grpo":
@@ -133,10 +137,11 @@ def _loss(loss_fn, cfg_a, logps, old, micro: Batch, totals_mb: dict, world: int)
 
 
 def _global_counts(mini: Batch | None, accelerator) -> dict:
-    local = [float(mini.num_groups_used()), float(len(mini))] if mini is not None else [0.0, 0.0]
+    local = [float(mini.num_groups_used()), float(len(mini)), float(mini.num_grouped_sequences())] \
+        if mini is not None else [0.0, 0.0, 0.0]
     counts = torch.tensor(local, device=accelerator.device)
     counts = accelerator.reduce(counts, reduction="sum") if accelerator.num_processes > 1 else counts
-    return {"groups": counts[0].item(), "sequences": counts[1].item()}
+    return {"groups": counts[0].item(), "sequences": counts[1].item(), "grouped_sequences": counts[2].item()}
 
 
 def _num_micro(mini: Batch, micro_batch_prompts: int) -> int:
