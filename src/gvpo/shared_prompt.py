@@ -109,7 +109,10 @@ class _PromptLayer(DynamicLayer):
     """Prompt pass: keeps the layer's keys/values (U, heads, P, d). Replaces rather than appends, and only on the
     first call: a checkpointed layer calls it again when the backward replays it."""
 
+    calls = 0
+
     def update(self, key_states, value_states, *args, **kwargs):
+        self.calls += 1
         if not self.is_initialized:
             self.keys, self.values, self.is_initialized = key_states, value_states, True
             self.device = key_states.device
@@ -125,7 +128,10 @@ class _CompletionLayer(DynamicLayer):
         self.keys, self.values, self.rows, self.is_initialized = keys, values, rows, True
         self.device = keys.device
 
+    calls = 0
+
     def update(self, key_states, value_states, *args, **kwargs):
+        self.calls += 1
         keys = torch.cat([self.keys.index_select(0, self.rows), key_states], dim=-2)  # (N, heads, P + T', d)
         values = torch.cat([self.values.index_select(0, self.rows), value_states], dim=-2)
         return keys, values
@@ -133,13 +139,14 @@ class _CompletionLayer(DynamicLayer):
 
 @contextlib.contextmanager
 def _keep_cache_under_checkpointing(lm):
-    """The checkpointed layers keep the (replay-safe) cache; transformers binds it into the replay at call time,
-    so the switch need only be on during the forward."""
+    """Yields ``use_cache`` for the call. Checkpointed layers keep the (replay-safe) cache; transformers binds it
+    into the replay at call time, so the switch need only be on during the forward. ``use_cache`` is False there,
+    as transformers would set it (with a warning that the cache is dropped, which here it is not)."""
     layers = _checkpointed_layers(lm) if torch.is_grad_enabled() else []
     for layer in layers:
         layer._can_checkpoint_with_cache = True
     try:
-        yield
+        yield not layers
     finally:
         for layer in layers:
             del layer._can_checkpoint_with_cache  # back to the class's False
@@ -152,11 +159,15 @@ def _forward(model, plan: FusedHead | None, cache, logits_to_keep: int, **inputs
     captured = []
     hook = plan.decoder.register_forward_hook(lambda m, a, out: captured.append(_last_hidden(out))) if plan else None
     try:
-        with _keep_cache_under_checkpointing(_unwrap(model)):
-            out = model(**inputs, logits_to_keep=logits_to_keep, use_cache=True, **cache_kwargs(model, cache))
+        with _keep_cache_under_checkpointing(_unwrap(model)) as use_cache:
+            out = model(**inputs, logits_to_keep=logits_to_keep, use_cache=use_cache, **cache_kwargs(model, cache))
     finally:
         if hook is not None:
             hook.remove()
+    n_layers = _unwrap(model).config.get_text_config(decoder=True).num_hidden_layers
+    if len(cache.layers) != n_layers or not all(getattr(layer, "calls", 0) for layer in cache.layers):
+        raise RuntimeError(f"the model went through the cache in {len(cache.layers)} of {n_layers} layers; set "
+                           f"model.shared_prompt=false for it")
     if plan is None:
         return out.logits, None
     if len(captured) != 1:
@@ -174,10 +185,6 @@ def shared_token_logps(model, plan: FusedHead | None, input_ids, attention_mask,
     prompt_cache = Cache(layer_class_to_replicate=_PromptLayer)
     logits, hidden = _forward(model, plan, prompt_cache, 1, input_ids=input_ids[first, :P],
                               attention_mask=attention_mask[first, :P], position_ids=position_ids[first, :P])
-    n_layers = _unwrap(model).config.get_text_config(decoder=True).num_hidden_layers
-    if len(prompt_cache.layers) != n_layers or not all(layer.is_initialized for layer in prompt_cache.layers):
-        raise RuntimeError(f"the prompt pass wrote keys/values for {len(prompt_cache.layers)} of {n_layers} layers; "
-                           f"set model.shared_prompt=false for this model")
     first_logits = logits[:, -1:].index_select(0, rows) if plan is None else None  # (N, 1, V)
     first_hidden = hidden[:, -1:].index_select(0, rows) if plan is not None else None  # (N, 1, H)
     if T > 1:
