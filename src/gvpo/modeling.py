@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gvpo.fused_logps import fused_enabled, fused_head, fused_token_logps, set_fused_logps
+from gvpo.fused_logps import _unwrap, fused_enabled, fused_head, fused_token_logps, set_fused_logps
 from gvpo.shared_prompt import log_fallback, prompt_groups, set_shared_prompt, shared_enabled, shared_plan, \
     shared_token_logps
 
@@ -50,8 +50,9 @@ def load_model_and_tokenizer(name_or_path: str = "default", dtype: str = "float3
 
 def cache_kwargs(model, cache) -> dict:
     """The keyword that hands ``model`` a KV cache: ``cache`` where the model's forward takes it (transformers 5.x,
-    where ``past_key_values`` is deprecated and goes in 5.40), else ``past_key_values`` (older versions)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs
+    where ``past_key_values`` is deprecated and goes in 5.40), else ``past_key_values`` (older versions). Read
+    through the wrappers that forward **kwargs (DDP, torch.compile, PEFT)."""
+    base = _unwrap(model)
     name = "cache" if "cache" in _forward_parameters(type(base)) else "past_key_values"
     return {name: cache}
 
