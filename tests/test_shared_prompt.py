@@ -176,8 +176,9 @@ def test_bf16_autocast_stays_within_bf16_rounding():
     batch = make_batch(2000)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (got, got_grads), (want, want_grads) = shared_vs_plain(model, *batch)
-    # the attention matmuls have other shapes (T - 1 queries instead of P + T), so bf16 rounds differently
-    torch.testing.assert_close(got, want, rtol=0, atol=5e-2)
+    # The attention matmuls have other shapes (T - 1 queries instead of P + T), so bf16 may round differently.
+    # Measured: log-probs equal, gradients 0.9% apart (of the largest entry); a detached prompt cache: 89%.
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=0, atol=3e-2 * w.abs().max().item())
 
