@@ -18,6 +18,16 @@ from gvpo.shared_prompt import SHARED_MODEL_TYPES, prompt_groups, shared_enabled
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(autouse=True)
+def fresh_fallback_logs(monkeypatch):
+    """Fallback reasons are logged once per process: each test here starts, and leaves, the record as it was."""
+    import gvpo.fused_logps
+    import gvpo.shared_prompt
+
+    monkeypatch.setattr(gvpo.fused_logps, "_logged", set())
+    monkeypatch.setattr(gvpo.shared_prompt, "_logged", set())
+
+
 def tiny_llama(vocab=300, seed=0):
     """SmolLM2's shape in miniature: Llama, tied embeddings, grouped-query attention."""
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
