@@ -158,7 +158,7 @@ def test_bf16_autocast_is_active_when_asked_and_only_then(tmp_path, tiny_model_d
 def test_activation_checkpointing_recomputes_the_forward(tmp_path, tiny_model_dir, monkeypatch):
     plain = watch_training_forwards(monkeypatch, tmp_path, tiny_model_dir, "plain", gradient_checkpointing=False)
     ckpt = watch_training_forwards(monkeypatch, tmp_path, tiny_model_dir, "ckpt", gradient_checkpointing=True)
-    assert len(plain) == 2  # one training forward per step
+    assert len(plain) == 4  # per step one training pass: two forwards (shared prompts, then completions)
     assert len(ckpt) == 2 * len(plain)  # each recomputed once in the backward
 
 

@@ -231,7 +231,8 @@ def test_a_training_step_is_the_same_either_way(tmp_path, tiny_model_dir):
         cfg = load_config(None, {
             "model_name_or_path": tiny_model_dir, "output_dir": str(out), "max_steps": 2, "prompts_per_step": 4,
             "num_generations": 4, "max_completion_length": 6, "learning_rate": 1e-2, "num_mini_batches": 2,
-            "eval_steps": 0, "save_steps": 2, "progress_bar": False, "seed": 0, "fused_logps": fused})
+            "eval_steps": 0, "save_steps": 2, "progress_bar": False, "seed": 0, "fused_logps": fused,
+            "shared_prompt": False})  # the fused head alone; tests/test_shared_prompt.py runs the two together
         rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 20) for b in range(10, 14)]
         train(cfg, reward_funcs=[sevens], train_rows=rows, eval_rows=rows[:4])
         weights[fused] = load_file(str(out / "checkpoints" / "step-000002" / "model.safetensors"))

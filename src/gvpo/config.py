@@ -38,6 +38,11 @@ class ModelConfig:
     # Token log-probs from the last hidden states, tile by tile, without the (N, T, V) logits (memory flat in
     # the vocabulary; gvpo.fused_logps). Used only where exact; false = the plain path (full logits).
     fused_logps: bool = True
+    # The training pass runs each distinct prompt once and lets its completions attend to its keys/values, with
+    # gradients flowing back into the shared prompt as in the plain pass (gvpo.shared_prompt; Prefix Grouper).
+    # Used only where exact (verified architectures, eager/sdpa attention, no shorter sliding window,
+    # non-reentrant checkpointing), else the plain pass with the reason logged once; false = always the plain pass.
+    shared_prompt: bool = True
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):

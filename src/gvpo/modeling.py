@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from gvpo.fused_logps import fused_enabled, fused_head, fused_token_logps, set_fused_logps
+from gvpo.fused_logps import _unwrap, fused_enabled, fused_head, fused_token_logps, set_fused_logps
+from gvpo.shared_prompt import log_fallback, prompt_groups, set_shared_prompt, shared_enabled, shared_plan, \
+    shared_token_logps
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -21,9 +23,10 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def load_model_and_tokenizer(name_or_path: str = "default", dtype: str = "float32", trust_remote_code: bool = False,
-                             fused_logps: bool = True):
+                             fused_logps: bool = True, shared_prompt: bool = True):
     """A causal LM and its tokenizer from a local path or a hub name (no hub access is needed for "default").
-    ``fused_logps`` is ModelConfig's switch for :func:`token_logps`, recorded on the model."""
+    ``fused_logps`` and ``shared_prompt`` are ModelConfig's switches for :func:`token_logps`, recorded on the
+    model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -41,13 +44,15 @@ def load_model_and_tokenizer(name_or_path: str = "default", dtype: str = "float3
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     set_fused_logps(model, fused_logps)
+    set_shared_prompt(model, shared_prompt)
     return model, tokenizer
 
 
 def cache_kwargs(model, cache) -> dict:
     """The keyword that hands ``model`` a KV cache: ``cache`` where the model's forward takes it (transformers 5.x,
-    where ``past_key_values`` is deprecated and goes in 5.40), else ``past_key_values`` (older versions)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs
+    where ``past_key_values`` is deprecated and goes in 5.40), else ``past_key_values`` (older versions). Read
+    through the wrappers that forward **kwargs (DDP, torch.compile, PEFT)."""
+    base = _unwrap(model)
     name = "cache" if "cache" in _forward_parameters(type(base)) else "past_key_values"
     return {name: cache}
 
@@ -90,17 +95,29 @@ def build_sequences(prompt_ids: list[list[int]], completion_ids: torch.Tensor, c
 
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                num_completion_tokens: int, temperature: float = 1.0, fused: bool | None = None) -> torch.Tensor:
+                num_completion_tokens: int, temperature: float = 1.0, fused: bool | None = None,
+                shared: bool | None = None) -> torch.Tensor:
     """Log-probs of the last ``num_completion_tokens`` tokens of each row under ``model``, (N, T), float32.
 
     Logits are divided by the sampling temperature, as TRL does, so that at temperature != 1 the policy whose
     log-probs enter the loss is the one that was sampled. ``fused`` (default: the model's
     ``model.fused_logps`` setting, see :func:`set_fused_logps`; on if unset) computes them from the last
     hidden states tile by tile (:mod:`gvpo.fused_logps`) without the (N, T, V) logits; a model whose head is
-    not exactly ``lm_head(hidden)`` takes the plain path, with its reason logged once.
+    not exactly ``lm_head(hidden)`` takes the plain path, with its reason logged once. ``shared`` (default: the
+    model's ``model.shared_prompt`` setting, see :func:`set_shared_prompt`) runs each distinct prompt once and its
+    completions against its keys/values (:mod:`gvpo.shared_prompt`), where that is exact and saves work.
     """
     wanted = fused_enabled(model) if fused is None else fused
     plan = fused_head(model) if wanted else None
+    T = num_completion_tokens
+    if (shared_enabled(model) if shared is None else shared) and T < input_ids.shape[1]:
+        groups = prompt_groups(input_ids, attention_mask, position_ids, input_ids.shape[1] - T)
+        if groups[0].shape[0] < input_ids.shape[0]:  # one row per prompt: nothing to share
+            reason = shared_plan(model, input_ids.shape[1])
+            if reason is None:
+                return shared_token_logps(model, plan, input_ids, attention_mask, position_ids, T, temperature,
+                                          groups)
+            log_fallback(reason)
     if plan is not None:
         return fused_token_logps(model, plan, input_ids, attention_mask, position_ids, num_completion_tokens,
                                  temperature)

@@ -167,7 +167,8 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
         save_config(config, out / "config.yaml")
 
     model, tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
-                                                config.model.trust_remote_code, config.model.fused_logps)
+                                                config.model.trust_remote_code, config.model.fused_logps,
+                                                config.model.shared_prompt)
     model = _prepare_model(model, config)
     train_rows, eval_rows = (encode_rows(rows, tokenizer, config.data.template) for rows in (train_rows, eval_rows))
     for func in funcs:  # reward models (gvpo.rewards.model.RewardModel) go to the training device
