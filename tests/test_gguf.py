@@ -188,3 +188,30 @@ def test_clipped_rows_counts_only_completions_cut_by_the_budget():
     assert clipped_rows(rollout, 3, (2,)).tolist() == [False, True, False, True]
     assert clipped_rows(rollout, 3, (2, 9)).tolist() == [False, True, False, False]
     assert clipped_rows(rollout, 4, (2,)).tolist() == [False] * 4
+
+
+def test_the_template_end_of_turn_stops_generation_even_when_eos_names_another_token(tiny_gguf, tmp_path):
+    """A base tokenizer whose EOS is <|endoftext|> while its chat template ends turns with <|im_end|> (Qwen's
+    layout): the engines' stop ids still hold <|im_end|>."""
+    model, tok = load_model_and_tokenizer(tiny_gguf[0], gguf_cache_dir=str(tmp_path / "cache"))
+    tok.eos_token = "<|endoftext|>"
+    model.generation_config.eos_token_id = 0
+    assert set(special_token_ids(model, tok)[0]) == {0, 2}
+
+
+def test_trl_gvpo_trainer_takes_a_gguf_path(tiny_gguf, tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from gvpo.integrations.trl import GVPOConfig, GVPOTrainer
+
+    path, ref = tiny_gguf
+    monkeypatch.setenv("GVPO_CACHE_DIR", str(tmp_path / "cache"))
+    args = GVPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none",
+                      per_device_train_batch_size=4, num_generations=4, max_completion_length=4, max_steps=1, logging_steps=1,
+                      save_strategy="no", dataloader_num_workers=0)
+    trainer = GVPOTrainer(path, reward_funcs=[lambda completions, **kw: [float(len(c)) for c in completions]],
+                          args=args, train_dataset=Dataset.from_dict({"prompt": ["the", "he t"] * 2}))
+    assert torch.equal(trainer.model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+    trainer.train()
+    assert any("loss" in h for h in trainer.state.log_history)
