@@ -10,7 +10,7 @@ from gvpo.config import load_config
 from gvpo.scoring import RewardError
 from gvpo.trainer import train
 
-TIMING = ("step_seconds", "generation_seconds")
+TIMING = ("step_seconds", "generation_seconds", "update_seconds")
 
 
 def sevens(prompts, completions, **kwargs):
