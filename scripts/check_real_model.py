@@ -18,7 +18,7 @@ import time
 
 import torch
 
-QUESTIONS = ["What is 2 + 3?", "Name one colour of the rainbow.", "What is the capital of France?"]
+QUESTIONS = ["What is 2 + 3?", "What is the capital of France?", "What is the capital of Italy?"]
 
 
 def main(argv=None) -> int:
