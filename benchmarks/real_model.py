@@ -93,8 +93,8 @@ def run_trl(config, arm: str) -> dict:
     batch = r.prompts_per_step * r.num_generations  # one optimizer step = one generation batch, one micro-batch
     common = dict(output_dir=c.logging.output_dir, use_cpu=True, bf16=False, report_to="none", seed=c.training.seed,
                   num_generations=r.num_generations, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-                  max_completion_length=r.max_completion_length, temperature=r.temperature, max_steps=c.training.max_steps,
-                  logging_steps=1, save_strategy="no", dataloader_num_workers=0)
+                  max_completion_length=r.max_completion_length, temperature=r.temperature,
+                  max_steps=c.training.max_steps, logging_steps=1, save_strategy="no", dataloader_num_workers=0)
     ours = dict(learning_rate=o.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=o.warmup_steps,
                 max_grad_norm=o.max_grad_norm, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
                 adam_beta2=o.adam_beta2, adam_epsilon=o.adam_epsilon)

@@ -208,7 +208,8 @@ def test_trl_gvpo_trainer_takes_a_gguf_path(tiny_gguf, tmp_path, monkeypatch):
     path, ref = tiny_gguf
     monkeypatch.setenv("GVPO_CACHE_DIR", str(tmp_path / "cache"))
     args = GVPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none",
-                      per_device_train_batch_size=4, num_generations=4, max_completion_length=4, max_steps=1, logging_steps=1,
+                      per_device_train_batch_size=4, num_generations=4, max_completion_length=4, max_steps=1,
+                      logging_steps=1,
                       save_strategy="no", dataloader_num_workers=0)
     trainer = GVPOTrainer(path, reward_funcs=[lambda completions, **kw: [float(len(c)) for c in completions]],
                           args=args, train_dataset=Dataset.from_dict({"prompt": ["the", "he t"] * 2}))

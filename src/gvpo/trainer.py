@@ -125,7 +125,7 @@ def _loop(run: Run, tracker, start_step: int, clock: float) -> int:
             _log(tracker, step, metrics)
         bar.update(1)
         shown_acc = metrics.get("eval_accuracy", shown_acc)
-        bar.set_postfix(step_postfix(metrics, shown_acc), refresh=False)
+        bar.set_postfix(step_postfix(metrics, shown_acc))
         totals["wall_seconds"] = wall_before + time.perf_counter() - clock
         if last or (config.checkpoint.save_steps and step % config.checkpoint.save_steps == 0):
             _save(run, step)
@@ -215,8 +215,8 @@ def train_step(run: Run, step: int) -> dict:
     run.source.publish(run, step)
     seconds = time.perf_counter() - t0
     run.totals["train_seconds"] += seconds
-    metrics.update(step_seconds=seconds, update_seconds=time.perf_counter() - t_update, learning_rate=run.scheduler.get_last_lr()[0],
-                   skipped_updates=run.totals["skipped_updates"])
+    metrics.update(step_seconds=seconds, update_seconds=time.perf_counter() - t_update,
+                   learning_rate=run.scheduler.get_last_lr()[0], skipped_updates=run.totals["skipped_updates"])
     return metrics
 
 
