@@ -216,3 +216,12 @@ def test_trl_gvpo_trainer_takes_a_gguf_path(tiny_gguf, tmp_path, monkeypatch):
     assert torch.equal(trainer.model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
     trainer.train()
     assert any("loss" in h for h in trainer.state.log_history)
+
+
+@pytest.mark.shared_data
+def test_gvpo_eval_takes_a_gguf_path(tiny_gguf, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GVPO_CACHE_DIR", str(tmp_path / "cache"))
+    code = main(["eval", "--model", tiny_gguf[0], "--benchmarks", "math500", "--limit", "2", "--max_new_tokens", "4",
+                 "--template", "plain", "--output_dir", str(tmp_path / "eval")])
+    assert code == 0 and json.loads((tmp_path / "eval" / "math500.json").read_text())["num_problems"] == 2
+    assert any((tmp_path / "cache" / "gguf").iterdir())  # converted where GVPO_CACHE_DIR says
