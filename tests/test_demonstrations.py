@@ -194,7 +194,7 @@ def _weights(path):
 
 
 def _log(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in ("step_seconds", "generation_seconds")}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("step_seconds", "generation_seconds", "update_seconds")}
             for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 

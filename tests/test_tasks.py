@@ -1,5 +1,7 @@
 """Synthetic tasks, the reward, and the shipped default model (src/gvpo/assets/default)."""
 
+import re
+
 import pytest
 import torch
 
@@ -19,11 +21,12 @@ from gvpo.tasks import (
 
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_splits_are_disjoint_and_consistent(task):
+    n_test = 1000 if TASKS[task].num_operands > 2 else 300  # two addends: only about 810 test problems exist
     train = make_dataset(task, "train", 3000, seed=0)
-    test = make_dataset(task, "test", 1000, seed=0)
+    test = make_dataset(task, "test", n_test, seed=0)
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     # Other seeds draw other problems but never cross the split.
-    other_test = make_dataset(task, "test", 1000, seed=1)
+    other_test = make_dataset(task, "test", n_test, seed=1)
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in other_test}
     assert all(split_of(r["prompt"]) == "train" for r in train)
     assert all(split_of(r["prompt"]) == "test" for r in test)
@@ -41,7 +44,7 @@ def test_dataset_is_deterministic_under_seed():
 def test_rows_are_well_formed():
     for task, spec in TASKS.items():
         for row in make_dataset(task, "test", 50, seed=0):
-            operands = [int(x) for x in row["prompt"].rstrip("=").split("+")]
+            operands = [int(x) for x in re.findall(r"\d+", row["prompt"])]
             assert len(operands) == spec.num_operands
             assert all(10 <= x <= 99 for x in operands)
             assert row["answer"] == str(sum(operands))
@@ -216,3 +219,17 @@ def test_build_script_demonstrations(build_script):
         else:
             assert completion.startswith(f"{a}+{b}={a + b},")
     assert 0.55 <= botched / carrying <= 0.65
+
+
+def test_addition_chat_prompts_and_the_final_number_reward():
+    (row,) = make_dataset("addition_chat", "test", 1, seed=0)
+    a, b = (int(x) for x in re.findall(r"\d+", row["prompt"]))
+    assert row["prompt"] == f"What is {a} + {b}? Answer with just the number."
+    from gvpo.scoring import resolve_reward
+
+    reward = resolve_reward("final_number")
+    gold = str(a + b)
+    completions = [f"{a} + {b} = {gold}", f"The answer is {gold}.", f"{a} + {b} = {int(gold) + 1}", f"{a} + {b}",
+                   "", [{"role": "assistant", "content": f"= {gold}"}], f"{gold}0"]
+    assert reward(prompts=None, completions=completions, answer=gold) == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert reward(prompts=None, completions=["It is 1,234."], answer="1234") == [1.0]

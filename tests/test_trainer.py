@@ -10,7 +10,7 @@ from gvpo.config import load_config
 from gvpo.scoring import RewardError
 from gvpo.trainer import train
 
-TIMING = ("step_seconds", "generation_seconds")
+TIMING = ("step_seconds", "generation_seconds", "update_seconds")
 
 
 def sevens(prompts, completions, **kwargs):
@@ -212,3 +212,11 @@ def test_a_single_dataset_file_holds_out_a_fixed_random_sample_for_evaluation(tm
         _load_rows(cfg.replace(num_eval=40), tok, None, None)
     _, none = _load_rows(cfg.replace(num_eval=0), tok, None, None)
     assert none == []
+
+
+def test_progress_bar_shows_seconds_per_step_split_and_clipped_share():
+    from gvpo.tracking import step_postfix
+
+    shown = step_postfix({"reward_mean": 0.25, "step_seconds": 26.0, "update_seconds": 21.5, "clipped_ratio": 0.625},
+                         acc=0.13)
+    assert shown == {"reward": "0.250", "acc": "0.130", "s/step": "26.0 (gen 4.5 + train 21.5)", "clipped": "0.62"}

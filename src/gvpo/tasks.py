@@ -18,6 +18,10 @@ Tasks:
   temperature 1, ``python experiments/demonstrations.py base``: it skips addends and stops the chain early), so
   on-policy RL gets almost no signal; the ``solution`` column
   holds worked solutions in the pretraining format, the demonstrations of ``docs/demonstrations.md``.
+- ``addition_chat``: 2 two-digit addends asked as a chat question, ``"What is 23 + 45? Answer with just the
+  number."``, for pretrained chat models (``template=chat``, ``reward_funcs=final_number``: the last integer of the
+  answer counts, as a chat model writes ``23 + 45 = 68``). SmolLM2-135M-Instruct (Q4_1) answers 15% of 80
+  held-out prompts right, greedy, within 16 new tokens (configs/smollm2_cpu.yaml).
 """
 
 from __future__ import annotations
@@ -39,19 +43,23 @@ class ArithmeticTask:
     num_operands: int
     low: int = 10
     high: int = 99
+    # "equation": "23+45=" (the default model's pretraining format); "question": a chat question.
+    style: str = "equation"
 
     def __post_init__(self):
         if self.num_operands < 2:
             raise ValueError(f"num_operands={self.num_operands}: must be >= 2 (a sum needs two addends)")
         if not 0 <= self.low <= self.high:
             raise ValueError(f"low={self.low}, high={self.high}: need 0 <= low <= high")
+        if self.style not in ("equation", "question"):
+            raise ValueError(f"style={self.style!r}: use equation or question")
 
     def sample_operands(self, rng: random.Random) -> tuple[int, ...]:
         return tuple(rng.randint(self.low, self.high) for _ in range(self.num_operands))
 
     def row(self, operands: tuple[int, ...]) -> dict:
         return {
-            "prompt": prompt_text(operands),
+            "prompt": prompt_text(operands, self.style),
             "answer": str(sum(operands)),
             "solution": worked_solution(operands),
             "task": self.name,
@@ -62,6 +70,7 @@ TASKS: dict[str, ArithmeticTask] = {
     "arithmetic": ArithmeticTask("arithmetic", num_operands=3),
     "arithmetic_hard": ArithmeticTask("arithmetic_hard", num_operands=5),
     "arithmetic_long": ArithmeticTask("arithmetic_long", num_operands=6),
+    "addition_chat": ArithmeticTask("addition_chat", num_operands=2, style="question"),
 }
 
 
@@ -71,7 +80,9 @@ def get_task(task: str) -> ArithmeticTask:
     return TASKS[task]
 
 
-def prompt_text(operands: tuple[int, ...]) -> str:
+def prompt_text(operands: tuple[int, ...], style: str = "equation") -> str:
+    if style == "question":
+        return f"What is {' + '.join(str(x) for x in operands)}? Answer with just the number."
     return "+".join(str(x) for x in operands) + "="
 
 
@@ -122,7 +133,7 @@ def make_dataset(task: str = "arithmetic", split: str = "train", n: int = 1000, 
     rows, seen = [], set()
     while len(rows) < n:
         operands = spec.sample_operands(rng)
-        prompt = prompt_text(operands)
+        prompt = prompt_text(operands, spec.style)
         if prompt in seen or split_of(prompt) != split:
             continue
         seen.add(prompt)
@@ -162,3 +173,28 @@ def arithmetic_reward(prompts, completions, answer, **kwargs) -> list[float | No
         predicted = extract_answer(_completion_text(completion))
         rewards.append(float(predicted is not None and int(predicted) == int(gold)))
     return rewards
+
+
+_LAST_INT_RE = re.compile(r"-?\d[\d,]*")
+
+
+def final_number(text: str) -> str | None:
+    """The last integer of a free-text answer ("23 + 45 = 68." -> "68"; thousands commas dropped), or None."""
+    found = _LAST_INT_RE.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+def final_number_reward(prompts, completions, answer, **kwargs) -> list[float | None]:
+    """TRL-style reward for chat models: 1.0 when the last integer of the completion equals the gold answer.
+
+    Lenient on format (a chat model writes "23 + 45 = 68" or "The answer is 68."), strict on the value; an
+    answer cut off by max_completion_length usually ends on an operand or a partial sum and earns 0.
+    """
+    answers = [answer] * len(completions) if isinstance(answer, (str, int)) else list(answer)
+    if len(answers) != len(completions):
+        raise ValueError(f"answer: got {len(answers)} gold answers for {len(completions)} completions")
+    out: list[float | None] = []
+    for completion, gold in zip(completions, answers):
+        value = final_number(_completion_text(completion))
+        out.append(float(value is not None and value.lstrip("-").isdigit() and int(value) == int(gold)))
+    return out

@@ -1,4 +1,5 @@
-"""Where metrics go: metrics.jsonl (always), TensorBoard / wandb (optional), and a PNG plot at the end."""
+"""Where metrics go: metrics.jsonl (always), TensorBoard / wandb (optional), a PNG plot at the end, and the
+progress bar."""
 
 from __future__ import annotations
 
@@ -99,3 +100,21 @@ def plot_run(run_dir, path=None) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def progress_bar(config, accelerator, start_step):
+    from tqdm.auto import tqdm
+
+    disable = not (config.logging.progress_bar and accelerator.is_main_process)
+    return tqdm(total=config.training.max_steps, initial=start_step, desc=config.algorithm.algorithm, disable=disable,
+                dynamic_ncols=True)
+
+
+def step_postfix(metrics: dict, acc: float) -> dict:
+    """The bar's text: reward, accuracy, where the step's seconds went, and the share of completions cut at
+    max_completion_length. gen = everything before the update (sampling and scoring, or with rollout workers the
+    wait for their groups); train = log-probs, backward, optimizer step and weight publish."""
+    step, train = metrics["step_seconds"], metrics["update_seconds"]
+    return {"reward": f"{metrics['reward_mean']:.3f}", "acc": f"{acc:.3f}",
+            "s/step": f"{step:.1f} (gen {step - train:.1f} + train {train:.1f})",
+            "clipped": f"{metrics.get('clipped_ratio', 0.0):.2f}"}

@@ -26,14 +26,15 @@ from gvpo.config import RATIO_LOSSES, Config, save_config
 from gvpo.data import encode_rows
 from gvpo.groups import LocalSource, sampling_params, trainer_state_for
 from gvpo.lag import SimulatedLag
-from gvpo.modeling import load_model_and_tokenizer
+from gvpo.modeling import load_model_and_tokenizer, resolve_model_path
 from gvpo.old_policy import OldPolicy
 from gvpo.process_group import destroy_at_exit
 from gvpo.replay import ReplayBuffer, mix_history
 from gvpo.rollout import make_engine
+from gvpo.rollout.base import clipped_rows, special_token_ids
 from gvpo.sampler import PromptSampler
 from gvpo.scoring import check_rewards, resolve_reward, score_rollout
-from gvpo.tracking import Tracker, plot_run
+from gvpo.tracking import Tracker, plot_run, progress_bar, step_postfix
 from gvpo.types import SamplingParams
 from gvpo.update import update
 
@@ -110,7 +111,7 @@ def _loop(run: Run, tracker, start_step: int, clock: float) -> int:
         totals["initial_accuracy"] = run.evaluate()
         _log(tracker, 0, {"eval_accuracy": totals["initial_accuracy"]})
     wall_before = totals["wall_seconds"]
-    bar = _progress(config, accelerator, start_step)
+    bar = progress_bar(config, accelerator, start_step)
     step, shown_acc = start_step, totals.get("initial_accuracy") or math.nan
     for step in range(start_step + 1, config.training.max_steps + 1):
         metrics = train_step(run, step)
@@ -125,7 +126,7 @@ def _loop(run: Run, tracker, start_step: int, clock: float) -> int:
             _log(tracker, step, metrics)
         bar.update(1)
         shown_acc = metrics.get("eval_accuracy", shown_acc)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{shown_acc:.3f}")
+        bar.set_postfix(step_postfix(metrics, shown_acc))
         totals["wall_seconds"] = wall_before + time.perf_counter() - clock
         if last or (config.checkpoint.save_steps and step % config.checkpoint.save_steps == 0):
             _save(run, step)
@@ -166,9 +167,12 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
         ckpt.clear_run(out, earlier)
         save_config(config, out / "config.yaml")
 
+    if accelerator.is_main_process:  # a GGUF file is converted once, by one rank, before the others read the cache
+        resolve_model_path(config.model.model_name_or_path, config.model.gguf_cache_dir or None)
+    accelerator.wait_for_everyone()
     model, tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
                                                 config.model.trust_remote_code, config.model.fused_logps,
-                                                config.model.shared_prompt)
+                                                config.model.shared_prompt, config.model.gguf_cache_dir or None)
     model = _prepare_model(model, config)
     train_rows, eval_rows = (encode_rows(rows, tokenizer, config.data.template) for rows in (train_rows, eval_rows))
     for func in funcs:  # reward models (gvpo.rewards.model.RewardModel) go to the training device
@@ -208,12 +212,13 @@ def train_step(run: Run, step: int) -> dict:
     else:
         batch, metrics = run.lag.next_batch(lambda index: generate_batch(run, index), version=step - 1)
     # Updates: log-probs under pi_theta' once, then num_iterations passes of mini-batch updates.
+    t_update = time.perf_counter()
     metrics.update(update(run, batch))
     run.source.publish(run, step)
     seconds = time.perf_counter() - t0
     run.totals["train_seconds"] += seconds
-    metrics.update(step_seconds=seconds, learning_rate=run.scheduler.get_last_lr()[0],
-                   skipped_updates=run.totals["skipped_updates"])
+    metrics.update(step_seconds=seconds, update_seconds=time.perf_counter() - t_update,
+                   learning_rate=run.scheduler.get_last_lr()[0], skipped_updates=run.totals["skipped_updates"])
     return metrics
 
 
@@ -224,7 +229,7 @@ def generate_batch(run: Run, step: int):
     groups = run.source.next(run, step)
     rollout, rewards = groups.rollout, groups.rewards
     prompt_ids = [run.train_rows[k]["prompt_ids"] for k in groups.keys]
-    metrics = {**groups.metrics, **_batch_metrics(rewards, rollout)}
+    metrics = {**groups.metrics, **_batch_metrics(rewards, rollout), "clipped_ratio": _clipped_ratio(run, rollout)}
     replayed = None
     if run.replay is not None:
         rollout, rewards, replayed = mix_history(run.replay, rollout, rewards, groups.history, groups.keys, step,
@@ -366,6 +371,16 @@ def _rows_from(source: str, d, split: str, limit: int, seed: int) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
+def _clipped_ratio(run: Run, rollout) -> float:
+    """Share of the step's sampled completions cut at max_completion_length (see rollout.base.clipped_rows)."""
+    eos = getattr(run.engine, "eos_token_ids", None)
+    if eos is None:
+        eos = special_token_ids(run.policy, run.tokenizer)[0]
+    cut = clipped_rows(rollout, run.config.rollout.max_completion_length, eos, run.tokenizer,
+                       run.config.rollout.stop_strings)
+    return cut.float().mean().item() if cut.numel() else 0.0
+
+
 def _batch_metrics(rewards: list[float], rollout) -> dict:
     scored = [r for r in rewards if not math.isnan(r)]
     mean = sum(scored) / len(scored) if scored else math.nan
@@ -425,14 +440,6 @@ def _save(run: Run, step: int) -> None:
 def _log(tracker, step, metrics):
     if tracker is not None:
         tracker.log(step, metrics)
-
-
-def _progress(config, accelerator, start_step):
-    from tqdm.auto import tqdm
-
-    disable = not (config.logging.progress_bar and accelerator.is_main_process)
-    return tqdm(total=config.training.max_steps, initial=start_step, desc=config.algorithm.algorithm, disable=disable,
-                dynamic_ncols=True)
 
 
 def _summary(totals, step, config) -> dict:

@@ -20,6 +20,9 @@ Differences from ``GRPOConfig`` / ``GRPOTrainer``:
   the sapo / vespo options and vLLM's importance-sampling ratio are ignored (GVPO's optimum holds for any
   sampler, Corollary 3.2). Options that would change the objective (entropy bonus or mask, off-policy mask,
   per-function normalisation) are rejected.
+- ``model`` given as a string may also be ``"default"`` (the embedded tiny model), a ``.gguf`` file or the alias
+  ``smollm2-135m-instruct``: gvpo converts it once to a checkpoint folder (:func:`gvpo.modeling.resolve_model_path`)
+  and hands TRL that folder.
 - A completion that every reward function scored ``None`` keeps TRL's advantage 0 (a centred reward of 0).
 - Demonstrations (``demonstration_column`` / ``demonstrations_per_group``, as in gvpo's own trainer, see
   :mod:`gvpo.demonstrations`): in training, the last d of each group's k rows are the row's demonstrations instead
@@ -64,6 +67,7 @@ from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, uns
 from gvpo import demonstrations
 from gvpo.groups import step_seeds
 from gvpo.losses import gvpo_loss
+from gvpo.modeling import resolve_model_path
 from gvpo.process_group import destroy_at_exit
 
 TRL_TESTED = ">=1.16,<1.17"
@@ -222,6 +226,8 @@ class GVPOTrainer(GRPOTrainer):
                           "year={2025}, eprint={arXiv:2504.19599}}"}
 
     def __init__(self, model, reward_funcs=None, args: GVPOConfig | None = None, *more, **kwargs):
+        if isinstance(model, str):  # "default", a .gguf file or an alias (smollm2-135m-instruct): a local folder
+            model = resolve_model_path(model)
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = GVPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-GVPO")

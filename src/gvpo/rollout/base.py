@@ -111,11 +111,12 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[to
 
 
 def special_token_ids(model, tokenizer) -> tuple[tuple[int, ...], int]:
-    """(eos_token_ids, pad_token_id). EOS ids are the union of the tokenizer's and the generation config's
-    (chat models often stop on several ids, e.g. Qwen's <|im_end|> and <|endoftext|>)."""
+    """(eos_token_ids, pad_token_id). EOS ids are the union of the generation config's, the tokenizer's and the
+    chat template's end-of-turn token (chat models often stop on several ids, e.g. Qwen's <|im_end|> and
+    <|endoftext|>; a base model's tokenizer may name <|endoftext|> while its template ends turns with <|im_end|>)."""
     eos: list[int] = []
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (gen_eos, getattr(tokenizer, "eos_token_id", None)):
+    for value in (gen_eos, getattr(tokenizer, "eos_token_id", None), chat_end_token_id(tokenizer)):
         for token in [value] if isinstance(value, int) else (value or []):
             if token is not None and token not in eos:
                 eos.append(int(token))
@@ -123,6 +124,44 @@ def special_token_ids(model, tokenizer) -> tuple[tuple[int, ...], int]:
     if pad is None:
         pad = eos[0] if eos else 0
     return tuple(eos), int(pad)
+
+
+_MARKER = "GVPO_END_OF_TURN_PROBE"
+
+
+def chat_end_token_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message (SmolLM2's and Qwen's
+    <|im_end|>), or None: no template, a template that puts plain text there, or one that cannot render a
+    user/assistant exchange."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant",
+                                              "content": _MARKER}], tokenize=False)
+    except Exception:  # templates may insist on roles, tools, ...: then only the declared EOS ids stop generation
+        return None
+    if not isinstance(text, str) or _MARKER not in text:
+        return None
+    after = text.split(_MARKER, 1)[1]
+    ids = tokenizer.encode(after, add_special_tokens=False) if after else []
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ()) | {
+        i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if getattr(t, "special", False)}
+    return int(ids[0]) if ids and ids[0] in special else None
+
+
+def clipped_rows(rollout, max_new_tokens: int, eos_token_ids, tokenizer=None, stop_strings=()) -> torch.Tensor:
+    """(N,) bool: completions cut by the token budget, i.e. ``max_new_tokens`` long and not ended by an EOS id or a
+    stop string (TRL's ``completions/clipped_ratio`` counts the same). A high share means the budget, not the
+    model, ends the answers: their rewards then judge unfinished text."""
+    lengths = rollout.completion_mask.sum(-1)  # (N,)
+    last = rollout.completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=last.device)
+    out = (lengths >= max_new_tokens) & ~torch.isin(last, eos)
+    if stop_strings and tokenizer is not None:
+        for row in out.nonzero().flatten().tolist():
+            text = tokenizer.decode(rollout.completion_ids[row, : int(lengths[row])].tolist())
+            out[row] = not any(text.endswith(s) for s in stop_strings)
+    return out
 
 
 def stop_string_cut(token_ids: Sequence[int], tokenizer, stop_strings: Sequence[str]) -> int | None:
