@@ -109,15 +109,27 @@ def job_flops(model, prompts, k: int, new_tokens: int) -> float:
 
 
 def bench_model(name, model, prompts, args):
+    import contextlib
+    import copy
+
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
     eos = None if args.natural_eos else ()  # () = never stop early: both engines make the same token count
     engines = {"fast": FastEngine(model, None, eos_token_ids=eos), "hf": HFEngine(model, None, eos_token_ids=eos)}
+    contexts = {key: contextlib.nullcontext for key in engines}
+    if args.bf16:
+        # Ours as `gvpo train bf16=true` runs it (float32 weights, bf16 autocast: the decoder casts them once per
+        # call); HF generate as a user would run bf16 on CPU: the model loaded in bfloat16.
+        engines["fast-bf16"] = engines["fast"]
+        contexts["fast-bf16"] = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        engines["hf-bf16"] = HFEngine(copy.deepcopy(model).to(torch.bfloat16), None, eos_token_ids=eos)
+        contexts["hf-bf16"] = contextlib.nullcontext
     forced = len(prompts) * args.k * args.new_tokens
     times, tokens = {key: [] for key in engines}, {key: [] for key in engines}
     for rep in range(args.reps + 1):  # rep 0 warms up
         for key, engine in engines.items():
             start = time.perf_counter()
-            rollout = engine.generate(prompts, args.k, params, torch.Generator().manual_seed(rep))
+            with contexts[key]():
+                rollout = engine.generate(prompts, args.k, params, torch.Generator().manual_seed(rep))
             elapsed = time.perf_counter() - start
             count = int(rollout.completion_mask.sum())
             assert args.natural_eos or count == forced, f"{key} produced {count} tokens, not {forced}"
@@ -143,6 +155,8 @@ def main() -> None:
     parser.add_argument("--skip-25m", action="store_true")
     parser.add_argument("--prompt-len", type=int, default=0,
                         help="random prompts of this many tokens instead of the task's (~9 tokens)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time both engines in bf16 (ours under autocast, HF generate on a bfloat16 model)")
     parser.add_argument("--natural-eos", action="store_true",
                         help="let completions end at EOS (the RL workload; engines then differ in token count)")
     args = parser.parse_args()
@@ -177,6 +191,9 @@ def main() -> None:
     for name in dict.fromkeys(r[0] for r in rows):
         rate = {r[1]: r[3] / r[2] for r in rows if r[0] == name}  # tokens per second
         speedup[name] = round(rate["fast"] / rate["hf"], 2)
+        if args.bf16:
+            speedup[name + " bf16"] = round(rate["fast-bf16"] / rate["hf-bf16"], 2)
+            speedup[name + " bf16 vs hf fp32"] = round(rate["fast-bf16"] / rate["hf"], 2)
     print(json.dumps({"speedup_vs_hf": speedup, "threads": torch.get_num_threads(), "matmul_gflops": round(gflops)}))
 
 
