@@ -196,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm (the GUIDE's figures: 1)")
     p.add_argument("--quick", action="store_true", help="8 held-out prompts, evaluated every step (plumbing only)")
     p.add_argument("--workdir", default="runs/real_model", help="run folders of the arms")
+    p.add_argument("--jobs", type=int, default=1, help="arms run at once (each with --threads threads)")
+    p.add_argument("--reuse", action="store_true", help="keep the results of arms already in --workdir")
     p.add_argument("--out", default=None, help="JSON results (default: <workdir>/results.json)")
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -205,20 +207,30 @@ def main(argv=None) -> int:
         child(a)
         return 0
     Path(a.workdir).mkdir(parents=True, exist_ok=True)
-    results = []
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+    jobs = []
     for seed in a.seeds:
         for arm in a.arms:
             out = Path(a.workdir) / f"{arm}-s{seed}.json"
-            cmd = [sys.executable, __file__, "--arm", arm, "--seed", str(seed), "--result", str(out),
-                   "--config", a.config, "--steps", str(a.steps), "--threads", str(a.threads), "--workdir", a.workdir,
-                   *(["--quick"] if a.quick else [])]
-            print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: {' '.join(cmd[1:])}", flush=True)
-            done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if not a.quick else None)
-            if done.returncode:
-                print(f"{arm} seed {seed} failed (exit {done.returncode}); rerun its command above to see why")
+            if a.reuse and out.exists():
+                print(f"{arm} seed {seed}: reusing {out}", flush=True)
                 continue
-            results.append(json.loads(out.read_text()))
+            jobs.append(([sys.executable, __file__, "--arm", arm, "--seed", str(seed), "--result", str(out),
+                          "--config", a.config, "--steps", str(a.steps), "--threads", str(a.threads),
+                          "--workdir", a.workdir, *(["--quick"] if a.quick else [])], f"{arm} seed {seed}"))
+    running = []
+    while jobs or running:  # at most --jobs arms at once, each in its own process with --threads threads
+        while jobs and len(running) < a.jobs:
+            cmd, name = jobs.pop(0)
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}", flush=True)
+            running.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if not a.quick else None), name))
+        time.sleep(1)
+        for proc, name in [r for r in running if r[0].poll() is not None]:
+            running.remove((proc, name))
+            if proc.returncode:
+                print(f"{name} failed (exit {proc.returncode}); rerun its command above to see why", flush=True)
+    results = [json.loads(out.read_text()) for seed in a.seeds for arm in a.arms
+               if (out := Path(a.workdir) / f"{arm}-s{seed}.json").exists()]
     targets_by_seed = {s: {r["arm"]: r["evals"][-1]["accuracy"] for r in results if r["seed"] == s
                            and r["arm"] in REFERENCES} for s in a.seeds}
     names = [n for n in REFERENCES if any(n in t for t in targets_by_seed.values())]

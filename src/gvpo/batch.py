@@ -83,8 +83,13 @@ def split_groups(batch: Batch, n: int) -> list[Batch]:
     replay, prompts are generated grouped by their number of fresh samples)."""
     if n <= 1:
         return [batch]
+    return [batch.select(rows) for rows in group_rows(batch, n)]
+
+
+def group_rows(batch: Batch, n: int) -> list[torch.Tensor]:
+    """The rows of :func:`split_groups`' sub-batches, as (rows,) bool masks over ``batch``."""
     ids = batch.group_ids.tolist()
     order = sorted(set(ids))
-    per = math.ceil(len(order) / n)
+    per = math.ceil(len(order) / max(n, 1))
     chunks = [set(order[i:i + per]) for i in range(0, len(order), per)]
-    return [batch.select(torch.tensor([g in chunk for g in ids], device=batch.group_ids.device)) for chunk in chunks]
+    return [torch.tensor([g in chunk for g in ids], device=batch.group_ids.device) for chunk in chunks]

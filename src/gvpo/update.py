@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 
-from gvpo.batch import Batch, split_groups
+from gvpo.batch import Batch, group_rows, split_groups
 from gvpo.config import RATIO_LOSSES
 from gvpo.losses import LOSSES
 from gvpo.modeling import token_logps
@@ -18,18 +19,19 @@ def update(run, batch: Batch) -> dict:
     """log-probs under pi_theta' (once), then ``num_iterations`` passes of ``num_mini_batches`` updates."""
     config, accelerator, model, policy = run.config, run.accelerator, run.model, run.policy
     old_policy, optimizer, scheduler, totals = run.old_policy, run.optimizer, run.scheduler, run.totals
-    cfg_a, cfg_t = config.algorithm, config.training
+    cfg_a = config.algorithm
     temperature = config.rollout.temperature
     loss_fn = LOSSES[cfg_a.algorithm]
     updates = cfg_a.num_iterations * cfg_a.num_mini_batches
     # With one update per batch, pi_theta' = the generating policy is exactly logps.detach() (as the
     # authors do); otherwise its log-probs must be taken once, before the first update changes the weights.
     reuse_detached = updates == 1 and old_policy.mode == "previous"
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast():  # the precision of the training pass: R_theta = 0 at the start
+        n_micro = _num_micro(batch, _micro_prompts(run)) if len(batch) else 1
         if not reuse_detached and len(batch):
-            batch.old_logps = old_policy.logps(policy, batch, temperature)
+            batch.old_logps = _by_micro_batch(lambda b: old_policy.logps(policy, b, temperature), batch, n_micro)
         if old_policy.needs_ref and len(batch):
-            batch.ref_logps = old_policy.ref_logps(policy, batch, temperature)
+            batch.ref_logps = _by_micro_batch(lambda b: old_policy.ref_logps(policy, b, temperature), batch, n_micro)
     policy.train(config.model.gradient_checkpointing)  # train mode only for checkpointing; dropout is off
     stats: dict[str, list] = {}
     kl_sums = torch.zeros(2)  # (sum of behaviour - current token log-probs, tokens) on the first mini-batch
@@ -37,25 +39,16 @@ def update(run, batch: Batch) -> dict:
     for _ in range(cfg_a.num_iterations):
         for mini in _mini_batches(batch, cfg_a.num_mini_batches):
             totals_mb = _global_counts(mini, accelerator)
-            micros = split_groups(mini, _num_micro(mini, cfg_t.micro_batch_prompts)) if mini is not None else [None]
-            for j, micro in enumerate(micros):
-                # Gradients are reduced across ranks once per mini-batch, on its last micro-batch.
-                with _accumulate(accelerator, model, sync=j == len(micros) - 1):
-                    if micro is None:  # this rank has no scorable group: join the gradient all-reduce with 0
-                        accelerator.backward(_zero_loss(model, batch))  # noqa: B012
-                        continue
-                    with accelerator.autocast():
-                        logps = token_logps(model, micro.input_ids, micro.attention_mask, micro.position_ids,
-                                            micro.completion_mask.shape[1], temperature)
-                    old = logps.detach() if reuse_detached else micro.old_logps
-                    if cfg_a.algorithm in RATIO_LOSSES:
-                        old = ratio_denominator(old, micro, cfg_a.off_policy_correction)
-                    if first_update:  # the learner's start-of-step weights: measure how stale the batch is
-                        _add_behaviour_kl(kl_sums, logps.detach(), micro)
-                    loss, m = _loss(loss_fn, cfg_a, logps, old, micro, totals_mb, accelerator.num_processes)
-                    accelerator.backward(loss)
-                for k, v in m.items():
-                    stats.setdefault(k, []).append(float(v))
+            while True:
+                try:
+                    mini_stats, mini_kl = _backward(run, mini, batch, totals_mb, loss_fn, reuse_detached)
+                    break
+                except RuntimeError as e:  # out of memory: the same mini-batch again in smaller micro-batches
+                    _shrink_micro_batches(run, mini, e)
+            for k, v in mini_stats.items():
+                stats.setdefault(k, []).extend(v)
+            if first_update:  # the learner's start-of-step weights: how stale the batch is
+                kl_sums += mini_kl
             first_update = False
             grad_norm = _clip(accelerator, model, config.optimizer.max_grad_norm)
             if not math.isfinite(grad_norm):  # skip and count, never step on a corrupt gradient
@@ -71,6 +64,73 @@ def update(run, batch: Batch) -> dict:
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     if kl_sums[1] > 0:
         out["kl_behaviour_current"] = (kl_sums[0] / kl_sums[1]).item()
+    return out
+
+
+def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, reuse_detached: bool):
+    """Forward and backward of one mini-batch in micro-batches of whole groups, gradients accumulated (reduced
+    across ranks on the last one). Returns (the micro-batches' metrics, this mini-batch's behaviour-KL sums)."""
+    config, accelerator, model = run.config, run.accelerator, run.model
+    cfg_a, temperature = config.algorithm, config.rollout.temperature
+    micros = split_groups(mini, _num_micro(mini, _micro_prompts(run))) if mini is not None else [None]
+    stats: dict[str, list] = {}
+    kl_sums = torch.zeros(2)
+    for j, micro in enumerate(micros):
+        with _accumulate(accelerator, model, sync=j == len(micros) - 1):
+            if micro is None:  # this rank has no scorable group: join the gradient all-reduce with 0
+                accelerator.backward(_zero_loss(model, batch))  # noqa: B012
+                continue
+            with accelerator.autocast():
+                logps = token_logps(model, micro.input_ids, micro.attention_mask, micro.position_ids,
+                                    micro.completion_mask.shape[1], temperature)
+            old = logps.detach() if reuse_detached else micro.old_logps
+            if cfg_a.algorithm in RATIO_LOSSES:
+                old = ratio_denominator(old, micro, cfg_a.off_policy_correction)
+            _add_behaviour_kl(kl_sums, logps.detach(), micro)
+            loss, m = _loss(loss_fn, cfg_a, logps, old, micro, totals_mb, accelerator.num_processes)
+            accelerator.backward(loss)
+        for k, v in m.items():
+            stats.setdefault(k, []).append(float(v))
+    return stats, kl_sums
+
+
+def _micro_prompts(run) -> int:
+    """Prompts per micro-batch: the config's, or what an out-of-memory error left (0 = a whole mini-batch)."""
+    return run.totals.get("micro_batch_prompts", run.config.training.micro_batch_prompts)
+
+
+def _shrink_micro_batches(run, mini: Batch | None, error: RuntimeError) -> None:
+    """After an out-of-memory error in the training pass: drop the mini-batch's partial gradient and halve the
+    micro-batch, for this and every later step (kept in ``run.totals``, so a resumed run starts there). Re-raises
+    anything else, and where halving cannot help (one prompt per micro-batch already) or is unsafe (several
+    processes: the others would wait in a gradient all-reduce this one no longer reaches in step)."""
+    text = str(error)
+    oom = isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+    groups = len(mini.group_ids.unique()) if mini is not None else 0
+    now = _micro_prompts(run) or groups
+    if not oom or now <= 1 or run.accelerator.num_processes > 1:
+        if oom:
+            raise RuntimeError(f"out of memory in the training pass with micro_batch_prompts={now} on "
+                               f"{run.accelerator.num_processes} process(es); set training.micro_batch_prompts="
+                               f"{max(1, now // 2)} (or fewer prompts_per_step / max_completion_length)") from error
+        raise error
+    run.optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    run.totals["micro_batch_prompts"] = max(1, now // 2)
+    warnings.warn(f"out of memory in the training pass with micro_batch_prompts={now}; retrying the mini-batch "
+                  f"with {run.totals['micro_batch_prompts']} (kept for the rest of the run; set "
+                  f"training.micro_batch_prompts to start there)", stacklevel=2)
+
+
+def _by_micro_batch(fn, batch: Batch, n: int) -> torch.Tensor:
+    """``fn`` (a no-grad log-prob pass, Batch -> (rows, T)) over whole-group micro-batches, rows in batch order:
+    the pi_theta' / reference passes hold no more activations at once than a training micro-batch."""
+    if n <= 1:
+        return fn(batch)
+    out = torch.empty(batch.completion_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
+    for rows in group_rows(batch, n):
+        out[rows] = fn(batch.select(rows)).float()
     return out
 
 
