@@ -55,6 +55,15 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture
+def float64_by_default():
+    """Theorem checks run in float64; restored afterwards so other tests keep float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 def _shared_data_dir():
     from gvpo.data import resolve_data_dir
 

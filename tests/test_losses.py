@@ -9,13 +9,7 @@ from gvpo.losses import dr_grpo_loss, grpo_loss, gvpo_loss, gvpo_weights, sequen
 
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    """The theorem checks run in float64; restored afterwards so other test modules keep float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")  # conftest.py
 
 
 def random_batch(seed=0, sizes=(4, 1, 3, 6, 2, 1), T=7, dtype=torch.float64):

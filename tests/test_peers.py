@@ -8,12 +8,7 @@ import torch
 from gvpo.losses import astar_po_loss, leave_one_out_soft_value
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")  # conftest.py
 
 
 # Six responses, T = 2: a group of two (id 3), a group of three (id 8) and a singleton (id 1), interleaved.

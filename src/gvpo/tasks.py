@@ -165,14 +165,20 @@ def arithmetic_reward(prompts, completions, answer, **kwargs) -> list[float | No
 
     ``answer`` is the dataset column, one gold answer per completion (a single string is broadcast).
     """
+    return _graded(completions, answer, extract_answer)
+
+
+def _graded(completions, answer, extract) -> list[float | None]:
+    """1.0 where ``extract(text)`` (an integer string or None) equals the gold integer; ``answer`` is one gold answer
+    per completion, or a single one broadcast."""
     answers = [answer] * len(completions) if isinstance(answer, (str, int)) else list(answer)
     if len(answers) != len(completions):
         raise ValueError(f"answer: got {len(answers)} gold answers for {len(completions)} completions")
-    rewards: list[float | None] = []
+    out: list[float | None] = []
     for completion, gold in zip(completions, answers):
-        predicted = extract_answer(_completion_text(completion))
-        rewards.append(float(predicted is not None and int(predicted) == int(gold)))
-    return rewards
+        value = extract(_completion_text(completion))
+        out.append(float(value is not None and value.lstrip("-").isdigit() and int(value) == int(gold)))
+    return out
 
 
 _LAST_INT_RE = re.compile(r"-?\d[\d,]*")
@@ -190,11 +196,4 @@ def final_number_reward(prompts, completions, answer, **kwargs) -> list[float | 
     Lenient on format (a chat model writes "23 + 45 = 68" or "The answer is 68."), strict on the value; an
     answer cut off by max_completion_length usually ends on an operand or a partial sum and earns 0.
     """
-    answers = [answer] * len(completions) if isinstance(answer, (str, int)) else list(answer)
-    if len(answers) != len(completions):
-        raise ValueError(f"answer: got {len(answers)} gold answers for {len(completions)} completions")
-    out: list[float | None] = []
-    for completion, gold in zip(completions, answers):
-        value = final_number(_completion_text(completion))
-        out.append(float(value is not None and value.lstrip("-").isdigit() and int(value) == int(gold)))
-    return out
+    return _graded(completions, answer, final_number)
