@@ -283,8 +283,8 @@ class TrainingConfig:
     micro_batch_prompts: int = 0
     # bf16 autocast for the training forward pass, where the device supports it.
     bf16: bool = False
-    # Deterministic staleness for studies, in one process (no Ray; not the async mode's max_policy_lag bound):
-    # step s trains on the batch generated `simulated_policy_lag` policy versions (training steps) earlier.
+    # Deterministic staleness for studies (not the async mode's max_policy_lag bound; with rollout workers the
+    # two add up): step s trains on the batch generated `simulated_policy_lag` policy versions (training steps) earlier.
     # The first step generates lag + 1 batches with the initial policy, so steps 1..lag train on lags
     # 0..lag - 1 and every later step on exactly `lag`; max_steps updates happen and the last `lag`
     # generated batches are never trained on. 0 = the synchronous loop, exactly.
@@ -366,15 +366,9 @@ class Config:
         if self.replay.num_historical >= self.rollout.num_generations:
             _fail("num_historical", self.replay.num_historical,
                   f"must be < num_generations ({self.rollout.num_generations}): each group needs a fresh response")
-        if self.replay.num_historical and self.rollout.rollout_workers:
-            _fail("num_historical", self.replay.num_historical,
-                  "replay is not supported with rollout_workers > 0 (workers pick no history); set one of them to 0")
         if self.training.simulated_policy_lag and self.checkpoint.resume:
             _fail("simulated_policy_lag", self.training.simulated_policy_lag,
                   "a checkpoint does not hold the queue of generated batches; resume only with 0")
-        if self.training.simulated_policy_lag and self.rollout.rollout_workers:
-            _fail("simulated_policy_lag", self.training.simulated_policy_lag,
-                  "is the in-process study mode; with rollout_workers > 0 the lag is real, bounded by max_policy_lag")
         d = self.data.demonstrations_per_group if self.data.demonstration_column else 0
         if d and self.algorithm.old_policy == "behaviour":
             _fail("old_policy", self.algorithm.old_policy, "demonstrations have no behaviour log-probs (no sampler); "
