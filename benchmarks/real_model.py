@@ -78,12 +78,13 @@ def run_trl(config, arm: str) -> dict:
     from gvpo.modeling import load_model_and_tokenizer, resolve_model_path
     from gvpo.rollout import make_engine
     from gvpo.scoring import resolve_reward
-    from gvpo.trainer import _evaluate, _read_rows
+    from gvpo.data import read_rows
+    from gvpo.evaluation import held_out_accuracy
 
     c, r, o = config, config.rollout, config.optimizer
     path = resolve_model_path(c.model.model_name_or_path, c.model.gguf_cache_dir or None)
     _, tokenizer = load_model_and_tokenizer(path)
-    train_rows, eval_rows = _read_rows(c, None, None)
+    train_rows, eval_rows = read_rows(c, None, None)
     chat = c.data.template == "chat"
     data = Dataset.from_dict({
         "prompt": [[{"role": "user", "content": x["prompt"]}] if chat else x["prompt"] for x in train_rows],
@@ -109,7 +110,7 @@ def run_trl(config, arm: str) -> dict:
     def evaluate(step):
         was_training = trainer.model.training
         trainer.model.eval()
-        acc = _evaluate(engine, tokenizer, eval_encoded, reward, c, trainer.accelerator)
+        acc = held_out_accuracy(engine, tokenizer, eval_encoded, reward, c, trainer.accelerator)
         trainer.model.train(was_training)
         record["evals"].append({"step": step, "train_seconds": record["elapsed"], "accuracy": acc})
 

@@ -43,11 +43,11 @@ def bench_model(ray, path: str, workers: int, reps: int) -> dict:
     from gvpo.config import load_config
     from gvpo.modeling import load_model_and_tokenizer
     from gvpo.rollout_worker import RolloutWorker
-    from gvpo.trainer import _prepare_model
+    from gvpo.modeling import prepare_model
     from gvpo.weight_sync import COLLECTIVE, OBJECT_STORE, Publisher, actor_class, trainable_weights
 
     config = load_config(None, {"model_name_or_path": path, "rollout_workers": workers})
-    policy = _prepare_model(load_model_and_tokenizer(path, config.model.dtype, False)[0], config)
+    policy = prepare_model(load_model_and_tokenizer(path, config.model.dtype, False)[0], config)
     sent = trainable_weights(policy)
     mb = sum(t.numel() * t.element_size() for t in sent.values()) / 2**20
     modes = {}

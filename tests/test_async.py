@@ -152,7 +152,7 @@ def test_a_broadcast_gives_each_worker_the_learners_weights_bitwise(tmp_path, ti
     version 3 was broadcast runs with 3 (and says so); a version never broadcast is an error, not a silent reuse;
     a restarted worker is in no group and takes the object store fallback until the group is re-formed."""
     from gvpo.modeling import load_model_and_tokenizer
-    from gvpo.trainer import _prepare_model
+    from gvpo.modeling import prepare_model as _prepare_model
     from gvpo.weight_sync import COLLECTIVE, Publisher, actor_class
 
     config = config_for(tmp_path, tiny_model_dir, "bitwise", rollout_workers=2, weight_sync="collective",
@@ -384,5 +384,26 @@ def test_demonstrations_in_async_mode_reproduce_the_synchronous_run(tmp_path, ti
     assert all(r["demonstrations"] == 8 for r in steps)  # one per prompt, every step
     assert [r["loss"] for r in steps] == [r["loss"] for r in sync]
     assert [r["reward_mean"] for r in steps] == [r["reward_mean"] for r in sync]
+    _assert_same_weights(w_sync, w_async)
+    assert summary["groups_generated"] == summary["groups_trained"] == STEPS * 8
+
+
+def test_replay_with_one_worker_at_lag_zero_reproduces_the_synchronous_run_with_replay(tmp_path, tiny_model_dir,
+                                                                                     ray_address):
+    """Replay wraps the Ray source as it wraps the local one: the worker samples k - h per prompt (h reserved when
+    the step is planned), the learner fills the groups from its buffer. At lag 0 the run is the synchronous one
+    with replay, exactly."""
+    rows = ROWS[:8]  # 8 prompts, 8 per step: every prompt recurs, so history exists from step 2
+    replay = dict(num_historical=2, max_staleness=4)
+    runs = {}
+    for name, extra in (("sync", {}), ("async", dict(rollout_workers=1, max_policy_lag=0, ray_address=ray_address))):
+        summary = train(config_for(tmp_path, tiny_model_dir, name, **replay, **extra), reward_funcs=[sevens],
+                        train_rows=rows, eval_rows=rows)
+        runs[name] = summary, [r for r in read(tmp_path / name) if "loss" in r], _weights(tmp_path / name)
+    (_, sync, w_sync), (summary, steps, w_async) = runs["sync"], runs["async"]
+    assert [r["replayed"] for r in steps] == [0] + [16] * (STEPS - 1)  # 2 of 4 per group once history exists
+    assert [r["loss"] for r in steps] == [r["loss"] for r in sync]
+    assert [r["reward_mean"] for r in steps] == [r["reward_mean"] for r in sync]
+    assert [r["replay_buffer_size"] for r in steps] == [r["replay_buffer_size"] for r in sync]
     _assert_same_weights(w_sync, w_async)
     assert summary["groups_generated"] == summary["groups_trained"] == STEPS * 8

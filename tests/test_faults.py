@@ -132,7 +132,7 @@ def watch_training_forwards(monkeypatch, tmp_path, tiny_model_dir, name, **overr
     """Run 2 steps; for every forward of the first decoder layer with autograd on (training passes and their
     recomputation), record (output dtype, CPU autocast on)."""
     seen = []
-    real = gvpo.trainer._prepare_model
+    real = gvpo.trainer.prepare_model
 
     def prepare(model, config):
         layer = model.model.layers[0]
@@ -142,7 +142,7 @@ def watch_training_forwards(monkeypatch, tmp_path, tiny_model_dir, name, **overr
         return real(model, config)
 
     with monkeypatch.context() as patch:
-        patch.setattr(gvpo.trainer, "_prepare_model", prepare)
+        patch.setattr(gvpo.trainer, "prepare_model", prepare)
         train(config_for(tmp_path, tiny_model_dir, name=name, max_steps=2, **overrides), reward_funcs=[sevens],
               train_rows=ROWS, eval_rows=ROWS[:4])
     return seen

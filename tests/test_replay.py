@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from gvpo.replay import ReplayBuffer, Response, concat_rollouts, generate_groups, responses_to_rollout
-from gvpo.replay import mix_history as _mix_history
-from gvpo.types import Rollout
+from gvpo.groups import generate_groups
+from gvpo.replay import Replay, ReplayBuffer, Response
+from gvpo.types import SAMPLED, Groups, Rollout, concat_rollouts, tokens_to_rollout
 
 
 def resp(tag, version, reward=1.0):
@@ -46,21 +46,37 @@ def test_state_round_trip():
     assert other.entries == buf.entries
 
 
+class Fixed:
+    """A group source that returns the same groups every step (and records what Replay reserved)."""
+
+    def __init__(self, groups):
+        self.groups, self.reserve = groups, None
+
+    def next(self, step):
+        return Groups(**{**vars(self.groups), "metrics": {}})
+
+
 def test_mix_never_crosses_prompts():
     """Historical responses join the group of their own prompt, and fresh ones are stored under theirs."""
     buf = ReplayBuffer(max_staleness=10, capacity=8)
     keys = [40, 41]  # dataset indices of the two prompts in this step
-    history = [[resp(40, 1), resp(40, 2)], [resp(41, 1)]]
+    buf.add(40, [resp(40, 1), resp(40, 2)])
+    buf.add(41, [resp(41, 1)])
     fresh = Rollout(completion_ids=torch.tensor([[5, 1], [6, 1], [7, 1]]), completion_mask=torch.ones(3, 2).long(),
                     behavior_logps=torch.zeros(3, 2), prompt_index=torch.tensor([0, 0, 1]))
-    mixed, rewards, replayed = _mix_history(buf, fresh, [0.0, 1.0, 0.5], history, keys, step=3, pad_token_id=0)
-    assert replayed == [False] * 3 + [True] * 3
-    assert mixed.prompt_index.tolist() == [0, 0, 1, 0, 0, 1]
-    for row, p in enumerate(mixed.prompt_index.tolist()):
+    replay = Replay(buf, num_historical=2, num_generations=4)
+    assert replay.reserve(3, keys) == [2, 1]
+    replay.inner = Fixed(Groups(keys, [0, 1], [11, 12], [[9], [9]], fresh, [0.0, 1.0, 0.5], [SAMPLED] * 3, [0] * 3))
+    groups = replay.next(3)
+    replayed = [o == "replayed" for o in groups.origin]
+    assert replayed == [False] * 3 + [True] * 3 and groups.metrics["replayed"] == 3
+    assert groups.rollout.prompt_index.tolist() == [0, 0, 1, 0, 0, 1]
+    for row, p in enumerate(groups.rollout.prompt_index.tolist()):
         if replayed[row]:
-            assert mixed.completion_ids[row, 0].item() == keys[p]  # the tag is the prompt's key
-    assert rewards == [0.0, 1.0, 0.5, 1.0, 1.0, 1.0]
-    assert [r.completion_ids[0] for r in buf.entries[40]] == [5, 6] and buf.entries[41][0].completion_ids[0] == 7
+            assert groups.rollout.completion_ids[row, 0].item() == keys[p]  # the tag is the prompt's key
+    assert groups.rewards == [0.0, 1.0, 0.5, 1.0, 1.0, 1.0]
+    assert [r.completion_ids[0] for r in buf.entries[40]][-2:] == [5, 6] and buf.entries[41][-1].completion_ids[0] == 7
+    assert [r.version for r in buf.entries[40]][-2:] == [3, 3]
 
 
 def test_generate_groups_with_different_counts(tiny_model_dir):
@@ -76,9 +92,8 @@ def test_generate_groups_with_different_counts(tiny_model_dir):
     assert r.completion_ids.shape[0] == 10
 
 
-def test_responses_to_rollout_pads():
-    r = responses_to_rollout([(0, Response([3, 4, 1], [-1.0, -2.0, -0.5], 1.0, 2)), (1, Response([5], [-0.3], 0.0, 2))],
-                             "cpu", pad_token_id=0)
+def test_tokens_to_rollout_pads():
+    r = tokens_to_rollout([0, 1], [[3, 4, 1], [5]], [[-1.0, -2.0, -0.5], [-0.3]], "cpu", pad_token_id=0)
     assert r.completion_ids.tolist() == [[3, 4, 1], [5, 0, 0]] and r.completion_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     both = concat_rollouts([r, r])
     assert both.completion_ids.shape == (4, 3)

@@ -192,25 +192,23 @@ def test_hf_engine_trains(tmp_path, tiny_model_dir):
 
 
 def test_a_single_dataset_file_holds_out_a_fixed_random_sample_for_evaluation(tmp_path, tiny_model_dir):
-    from gvpo.modeling import load_model_and_tokenizer
-    from gvpo.trainer import _load_rows
+    from gvpo.data import read_rows
 
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(30)))
-    _, tok = load_model_and_tokenizer(tiny_model_dir)
     cfg = config_for(tmp_path, tiny_model_dir, dataset=str(path), prompt_column="question", num_eval=5, num_train=0)
-    train_rows, eval_rows = _load_rows(cfg, tok, None, None)
+    train_rows, eval_rows = read_rows(cfg)
     held = [r["prompt"] for r in eval_rows]
     assert len(held) == 5 and len(train_rows) == 25 and not {r["prompt"] for r in train_rows} & set(held)
     assert held != [f"{i}+1=" for i in range(25, 30)], "a sorted file's tail is not a fair held-out set"
     # the same held-out set for every training seed, so runs with different seeds compare on the same rows
-    assert [r["prompt"] for r in _load_rows(cfg.replace(seed=1), tok, None, None)[1]] == held
-    capped, _ = _load_rows(cfg.replace(num_train=5), tok, None, None)
+    assert [r["prompt"] for r in read_rows(cfg.replace(seed=1))[1]] == held
+    capped, _ = read_rows(cfg.replace(num_train=5))
     kept = [r["prompt"] for r in capped]
     assert len(kept) == 5 and kept != [p for p in (f"{i}+1=" for i in range(30)) if p not in held][:5]
     with pytest.raises(ValueError, match="not enough to hold out num_eval=40"):
-        _load_rows(cfg.replace(num_eval=40), tok, None, None)
-    _, none = _load_rows(cfg.replace(num_eval=0), tok, None, None)
+        read_rows(cfg.replace(num_eval=40))
+    _, none = read_rows(cfg.replace(num_eval=0))
     assert none == []
 
 

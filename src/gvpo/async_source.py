@@ -37,12 +37,11 @@ from pathlib import Path
 
 import torch
 
-from gvpo import demonstrations, weight_sync
-from gvpo.groups import Groups, step_seeds
-from gvpo.replay import concat_rollouts
+from gvpo import weight_sync
+from gvpo.groups import row_metrics, step_seeds
 from gvpo.rollout import resolve_engine
 from gvpo.rollout_worker import Result, RolloutWorker, Task
-from gvpo.types import Rollout
+from gvpo.types import SAMPLED, Groups
 
 MAX_RESTARTS = 4  # per worker; a worker that keeps dying (e.g. out of memory at load) stops the run
 RESTART_TIMEOUT_S = 300.0  # a worker that Ray has not brought back by then stops the run
@@ -105,11 +104,14 @@ def connect(ray, address: str, num_workers: int) -> bool:
 
 
 class AsyncSource:
-    def __init__(self, run, start_step: int):
+    """``reserve(step, keys)``: a wrapper's (Replay's) places per group, asked when a step is planned. ``ahead``:
+    steps a wrapper requests beyond the learner's (SimulatedLag's lag): admission and the last step move with it."""
+
+    def __init__(self, run, start_step: int, reserve=None, ahead: int = 0):
         cfg = run.config
         self.rank, self.world = run.accelerator.process_index, run.accelerator.num_processes
-        self.eta, self.num_prompts = cfg.rollout.max_policy_lag, cfg.rollout.prompts_per_step
-        self.totals = run.totals
+        self.eta, self.num_prompts = cfg.rollout.max_policy_lag + ahead, cfg.rollout.prompts_per_step
+        self.run, self.totals = run, run.totals
         for k in COUNTERS:
             self.totals.setdefault(k, 0)
         self._thread = None
@@ -117,8 +119,8 @@ class AsyncSource:
             return
         ray = self._ray = _import_ray(cfg.rollout.ray_address)
         self._owns_ray = connect(ray, cfg.rollout.ray_address, cfg.rollout.rollout_workers)
-        self._seed, self._last_step, self._pad = cfg.training.seed, cfg.training.max_steps, run.tokenizer.pad_token_id
-        self._train_rows, self._config, self._tokenizer = run.train_rows, cfg, run.tokenizer
+        self._seed, self._last_step, self._pad = cfg.training.seed, cfg.training.max_steps + ahead, run.tokenizer.pad_token_id
+        self._train_rows, self._reserve = run.train_rows, reserve
         self._planner = copy.deepcopy(run.sampler)  # runs ahead of run.sampler, which follows consumption
         self._next_step = start_step + 1  # the next step to plan
         self._chunks = min(cfg.rollout.rollout_workers, self.num_prompts)
@@ -152,34 +154,31 @@ class AsyncSource:
     # ----------------------------------------------------------------------------------------------
     # Learner side (the training loop's thread)
 
-    def next(self, run, step: int) -> Groups:
+    def next(self, step: int) -> Groups:
         """This rank's groups of ``step``: waits for the workers (rank 0), shares them with the other ranks."""
-        payload = self._take(step) if self.rank == 0 else None
+        run = self.run
+        groups = self._take(step) if self.rank == 0 else None
         if self.world > 1:
             from accelerate.utils import broadcast_object_list
 
-            payload = broadcast_object_list([payload], from_process=0)[0]
-        positions, keys, seeds, rollout, rewards, lags, metrics = payload
+            groups = broadcast_object_list([groups], from_process=0)[0]
         # The learner's sampler follows consumption (a checkpoint resumes from it); the planner ran ahead in
         # the same order, so both must agree.
         expected = run.sampler.next_indices(self.num_prompts)
-        if [expected[g] for g in positions] != keys:
+        if [expected[g] for g in groups.positions] != groups.keys:
             raise RuntimeError(f"step {step}: the workers' prompts differ from the sampler's (a scheduling bug)")
-        self.totals["groups_trained"] += len(positions)
-        mine = [i for i, g in enumerate(positions) if g % self.world == self.rank]
-        rollout, rewards = _select(rollout, rewards, mine, run.accelerator.device)
-        my_keys, my_seeds = [keys[i] for i in mine], [seeds[i] for i in mine]
-        demos = demonstrations.pick([run.train_rows[k] for k in my_keys], run.config, run.tokenizer, my_seeds) \
-            if demonstrations.per_group(run.config) else []
-        return Groups(my_keys, [positions[i] for i in mine], my_seeds, rollout, rewards, metrics,
-                      lags=[lags[i] for i in mine], demos=demos)
+        self.totals["groups_trained"] += len(groups.positions)
+        mine = groups.select([i for i, g in enumerate(groups.positions) if g % self.world == self.rank],
+                             run.accelerator.device)
+        mine.metrics.update(row_metrics(mine, run.tokenizer.eos_token_id, run.config.rollout.max_completion_length))
+        return mine
 
-    def publish(self, run, step: int) -> None:
+    def publish(self, step: int) -> None:
         """Version ``step`` of the weights, for the tasks that start from now on."""
         if self.rank != 0:
             return
         with self._cond:  # held through a broadcast, so a fallback (a worker died) sees this version
-            self._version, self._weights = step, self._sync.publish(run.policy, step)
+            self._version, self._weights = step, self._sync.publish(self.run.policy, step)
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -197,8 +196,9 @@ class AsyncSource:
             self._ray.shutdown()
         self._thread = None
 
-    def _take(self, step: int) -> tuple:
-        """Block until every group of ``step`` is generated; assemble them in position order."""
+    def _take(self, step: int) -> Groups:
+        """Block until every group of ``step`` is generated; assemble them in position order, each row's lag
+        counted from the learner's current version."""
         t0 = time.perf_counter()
         with self._cond:
             while self._error is None and sum(len(r.task.positions) for r in self._done.get(step, [])) < self.num_prompts:
@@ -217,22 +217,14 @@ class AsyncSource:
             self._worker_idle = 0.0
             for w in self._idle_workers():
                 self._idle_since[w] = now
-        positions = [g for r in results for g in r.task.positions]
-        if sorted(positions) != list(range(self.num_prompts)):
-            raise RuntimeError(f"step {step}: groups {positions} are not each position once (a scheduling bug)")
-        lags = [step - 1 - r.version for r in results for _ in r.task.positions]
-        metrics = _merge_metrics(results)
-        metrics.update(policy_lag_mean=sum(lags) / len(lags), policy_lag_max=max(lags),
-                       learner_idle_seconds=time.perf_counter() - t0, worker_idle_seconds=worker_idle,
-                       groups_in_flight=in_flight)
-        parts = []
-        offset = 0
         for r in results:
-            parts.append(Rollout(r.rollout.completion_ids, r.rollout.completion_mask, r.rollout.behavior_logps,
-                                 r.rollout.prompt_index + offset))
-            offset += len(r.task.positions)
-        return (positions, [k for r in results for k in r.task.keys], [s for r in results for s in r.task.seeds],
-                concat_rollouts(parts, self._pad), [x for r in results for x in r.rewards], lags, metrics)
+            r.groups.lag = [self._version - r.version] * len(r.groups.rewards)
+        groups = Groups.concat([r.groups for r in results], self._pad, _merge_metrics(results))
+        if sorted(groups.positions) != list(range(self.num_prompts)):
+            raise RuntimeError(f"step {step}: groups {groups.positions} are not each position once (a scheduling bug)")
+        groups.metrics.update(learner_idle_seconds=time.perf_counter() - t0, worker_idle_seconds=worker_idle,
+                              groups_in_flight=in_flight)
+        return groups
 
     # ----------------------------------------------------------------------------------------------
     # Scheduling thread: admission, dispatch, collection, faults
@@ -274,12 +266,9 @@ class AsyncSource:
         tasks = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             positions = list(range(a, b))
-            seeds, rows = step_seeds(self._seed, step, positions), [self._train_rows[k] for k in keys[a:b]]
-            # Demonstrations take d of a group's k places (picked again, identically, when the learner mixes
-            # them in: the pick depends only on the row, the config and the seed).
-            demos = demonstrations.pick(rows, self._config, self._tokenizer, seeds)
-            counts = [self._config.rollout.num_generations - len(d) for d in demos]
-            tasks.append(Task(step, positions, keys[a:b], seeds, rows, counts))
+            reserved = self._reserve(step, keys[a:b]) if self._reserve else None
+            tasks.append(Task(step, positions, keys[a:b], step_seeds(self._seed, step, positions),
+                              [self._train_rows[k] for k in keys[a:b]], reserved))
         return tasks
 
     def _dispatch(self) -> None:
@@ -346,22 +335,12 @@ class AsyncSource:
         self._weights = self._sync.lost_worker(self._version)
 
 
-def _select(rollout: Rollout, rewards: list, prompts: list[int], device) -> tuple[Rollout, list]:
-    """The rows answering ``prompts`` (indices into the step's prompts), re-indexed 0..len(prompts) - 1."""
-    new_index = {p: i for i, p in enumerate(prompts)}
-    rows = [i for i, p in enumerate(rollout.prompt_index.tolist()) if p in new_index]
-    index = torch.tensor(rows, dtype=torch.long)
-    sub = Rollout(rollout.completion_ids[index].to(device), rollout.completion_mask[index].to(device),
-                  rollout.behavior_logps[index].to(device),
-                  torch.tensor([new_index[p] for p in rollout.prompt_index[index].tolist()], device=device))
-    return sub, [rewards[i] for i in rows]
-
-
 def _merge_metrics(results: list[Result]) -> dict:
-    """Per-task metrics combined: reward means weighted by completions; generation seconds summed (worker time)."""
-    out, weight = {}, sum(len(r.rewards) for r in results)
-    for r in results:
-        for k, v in r.metrics.items():
-            share = 1.0 if k == "generation_seconds" else len(r.rewards) / weight
+    """Per-task metrics combined: reward means weighted by samples; generation seconds summed (worker time)."""
+    samples = [len(r.groups.rows_of(SAMPLED)) for r in results]
+    out, weight = {}, max(sum(samples), 1)
+    for r, n in zip(results, samples):
+        for k, v in r.groups.metrics.items():
+            share = 1.0 if k == "generation_seconds" else n / weight
             out[k] = out.get(k, 0.0) + v * share
     return out

@@ -7,8 +7,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from gvpo.modeling import build_sequences
-from gvpo.types import Rollout
+from gvpo.types import DEMONSTRATION, REPLAYED, Groups, build_sequences
 
 
 @dataclass
@@ -24,7 +23,7 @@ class Batch:
     ref_logps: torch.Tensor | None = None  # (N, T) under a frozen reference (GRPO's KL), when needed
     is_replayed: torch.Tensor | None = None  # (N,) bool: the response comes from the replay buffer
     # (N,) long: policy versions (training steps) between the policy that generated the row and the learner at
-    # the start of the step; None = all fresh. Set by the batch source (simulated lag, async rollouts).
+    # the start of the step; None = all fresh. Set from the source's groups (simulated lag, async rollouts).
     lag: torch.Tensor | None = None
     is_demonstration: torch.Tensor | None = None  # (N,) bool: a dataset demonstration (no behaviour log-probs)
 
@@ -55,24 +54,28 @@ class Batch:
         return int(counts[counts >= 2].sum())
 
 
-def make_batch(prompt_ids: list[list[int]], rollout: Rollout, rewards: list[float], group_ids: list[int],
-               pad_token_id: int, is_replayed: list[bool] | None = None,
-               is_demonstration: list[bool] | None = None) -> Batch:
-    """Turn a scored rollout into a batch; responses whose reward is NaN (unscorable) are dropped."""
+def make_batch(groups: Groups, pad_token_id: int) -> Batch:
+    """A source's finished groups as a batch (group id = the prompt's position in the step's global batch);
+    responses whose reward is NaN (unscorable) are dropped."""
+    rollout, rewards = groups.rollout, groups.rewards
     keep = torch.tensor([not math.isnan(r) for r in rewards], dtype=torch.bool)
     device = rollout.completion_ids.device
     width = max(int(rollout.completion_mask.sum(-1).max()), 1)  # trim columns no row uses
     completion_ids = rollout.completion_ids[:, :width]
     completion_mask = rollout.completion_mask[:, :width]
-    input_ids, attention_mask, position_ids = build_sequences(prompt_ids, completion_ids, completion_mask,
+    input_ids, attention_mask, position_ids = build_sequences(groups.prompt_ids, completion_ids, completion_mask,
                                                               rollout.prompt_index, pad_token_id)
+
+    def rows(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=device)
+
     batch = Batch(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  completion_mask=completion_mask, rewards=torch.tensor(rewards, dtype=torch.float32, device=device),
-                  group_ids=torch.tensor(group_ids, dtype=torch.long, device=device),
+                  completion_mask=completion_mask, rewards=rows(rewards, torch.float32),
+                  group_ids=rows([groups.positions[p] for p in rollout.prompt_index.tolist()], torch.long),
                   behavior_logps=rollout.behavior_logps[:, :width],
-                  is_replayed=torch.tensor(is_replayed or [False] * len(rewards), dtype=torch.bool, device=device),
-                  is_demonstration=torch.tensor(is_demonstration or [False] * len(rewards), dtype=torch.bool,
-                                                device=device))
+                  is_replayed=rows([o == REPLAYED for o in groups.origin], torch.bool),
+                  lag=rows(groups.lag, torch.long),
+                  is_demonstration=rows([o == DEMONSTRATION for o in groups.origin], torch.bool))
     return batch if bool(keep.all()) else batch.select(keep.to(device))
 
 

@@ -12,7 +12,7 @@ Train a causal LM with GVPO (or GRPO / Dr. GRPO). With no arguments: the embedde
 synthetic arithmetic task, on CPU, in about a minute (60 steps), written to runs/default.
 
 Settings come from the defaults, then --config FILE (YAML, sections model/peft/data/rollout/algorithm/replay/
-optimizer/training/eval/logging/checkpoint; every field is documented in gvpo/config.py), then overrides:
+optimizer/training/eval/logging/checkpoint; every field is documented in gvpo/config_sections.py), then overrides:
 `key=value`, `section.key=value` or `--key value`.
 
 A new run stops if output_dir already holds one: choose another output_dir, continue it with --resume, or

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 from pathlib import Path
 
@@ -311,3 +312,55 @@ def encode_rows(rows: list[dict], tokenizer, template: str = "none") -> list[dic
     for r, p in zip(rows, ids):
         r["prompt_ids"] = p
     return rows
+
+
+HELD_OUT_SEED = 0  # fixes which rows of a single dataset are held out, independently of training.seed
+
+
+def read_rows(config, train_rows=None, eval_rows=None):
+    """The training and held-out rows, with canonical column names, validated (no tokenizer needed)."""
+    d = config.data
+    if train_rows is None and eval_rows is None and d.dataset and not d.eval_dataset:
+        # One dataset and no eval set: hold out num_eval rows, so evaluation never sees a training row. Rows are
+        # taken in a fixed random order (files are often sorted by source or difficulty): the same held-out
+        # set for every training seed, and num_train caps a random subset, not the file's head.
+        rows = _rows_from(d.dataset, d, "train", 0, config.training.seed)
+        if len(rows) <= d.num_eval:
+            raise ValueError(f"dataset {d.dataset!r} has {len(rows)} rows, not enough to hold out num_eval="
+                             f"{d.num_eval} for evaluation; lower num_eval or set eval_dataset")
+        order = random.Random(HELD_OUT_SEED).sample(range(len(rows)), len(rows))
+        held = sorted(order[:d.num_eval])
+        eval_rows = [rows[i] for i in held]
+        train_rows = [rows[i] for i in sorted(order[d.num_eval:][:d.num_train or None])]
+    if train_rows is None:
+        train_rows = _rows_from(d.dataset, d, "train", d.num_train, config.training.seed)
+    if eval_rows is None:
+        eval_rows = _rows_from(d.eval_dataset or d.dataset, d, "test", d.num_eval, config.training.seed)
+    out = []
+    for rows, name in ((train_rows, "dataset"), (eval_rows, "eval_dataset")):
+        rows = [dict(r) for r in rows]
+        if name == "eval_dataset" and not rows:  # num_eval=0: no held-out evaluation
+            out.append(rows)
+            continue
+        for r in rows:
+            for column, canonical in ((d.prompt_column, "prompt"), (d.answer_column, "answer")):
+                if column != canonical and column in r:
+                    r[canonical] = r[column]
+        try:
+            validate_rows(rows, required=("prompt",))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        out.append(rows)
+    return out
+
+
+def _rows_from(source: str, d, split: str, limit: int, seed: int) -> list[dict]:
+    if not source:
+        from gvpo.tasks import make_dataset
+
+        return make_dataset(d.task, split=split, n=limit, seed=seed)
+    rows = load_benchmark(source, split=split if split == "train" else None) if source in BENCHMARKS \
+        else load_dataset_file(source, split=split)
+    for r in rows:  # benchmark rows carry the question as "problem"
+        r.setdefault("prompt", r.get("problem"))
+    return rows[:limit] if limit else rows

@@ -20,12 +20,10 @@ are NaN, so any code path that used them would fail loudly instead of silently t
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from gvpo.scoring import score_rollout
-from gvpo.types import Rollout
+from gvpo.types import DEMONSTRATION, Groups, tokens_to_rollout
 
 
 def per_group(config) -> int:
@@ -65,46 +63,20 @@ def tokenize(text: str, tokenizer, max_completion_length: int) -> list[int]:
     return ids[:max_completion_length]
 
 
-def mix(rollout: Rollout, rewards: list[float], is_replayed: list[bool] | None, demos: list[list[list[int]]],
-        rows: list[dict], run, trainer_state=None) -> tuple[Rollout, list[float], list[bool], list[bool], dict]:
-    """Score the demonstrations and append them to the (fresh + replayed) rollout, each with its prompt's
-    index, so it joins exactly its own prompt's group. Returns (rollout, rewards, is_replayed,
-    is_demonstration, metrics)."""
-    from gvpo.replay import concat_rollouts
-
-    is_replayed = list(is_replayed) if is_replayed is not None else [False] * len(rewards)
+def add(groups: Groups, demos: list[list[list[int]]], rows: list[dict], tokenizer, reward_funcs, reward_weights,
+        trainer_state=None, reward_timeout: float = 0.0) -> Groups:
+    """``groups`` with the demonstrations ``demos[p]`` of each prompt p appended, scored exactly as sampled
+    completions are (TRL's keyword call, chat completions as messages, timeout; in a call of their own, so the
+    samples' reward metrics stay the samples'), each with its prompt's index: it joins its own group only."""
     pairs = [(p, ids) for p, group in enumerate(demos) for ids in group]
     if not pairs:
-        return rollout, rewards, is_replayed, [False] * len(rewards), {}
-    device = rollout.completion_ids.device
-    pad = run.tokenizer.pad_token_id
-    demo_rollout = as_rollout(pairs, device, pad)
-    # Scored exactly as sampled completions are (TRL's keyword call, chat completions as messages, timeout).
-    demo_rewards, _ = score_rollout(run.reward_funcs, run.reward_weights, run.tokenizer, demo_rollout,
-                                    [rows[p] for p, _ in pairs], trainer_state, run.config.algorithm.reward_timeout)
-    scored = [r for r in demo_rewards if not math.isnan(r)]
-    budget = run.config.rollout.max_completion_length
-    metrics = {"demonstrations": len(pairs),
-               "demonstration_reward_mean": sum(scored) / len(scored) if scored else math.nan,
-               "demonstrations_truncated": sum(ids[-1] != run.tokenizer.eos_token_id and len(ids) == budget
-                                               for _, ids in pairs)}
-    mixed = concat_rollouts([rollout, demo_rollout], pad)
-    n = len(rewards)
-    return (mixed, rewards + demo_rewards, is_replayed + [False] * len(pairs), [False] * n + [True] * len(pairs),
-            metrics)
-
-
-def as_rollout(pairs: list[tuple[int, list[int]]], device, pad_token_id: int) -> Rollout:
-    """(prompt index, completion ids) pairs as a Rollout; behaviour log-probs NaN (there is no sampler)."""
-    width = max(len(ids) for _, ids in pairs)
-    completion_ids = torch.full((len(pairs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for i, (_, ids) in enumerate(pairs):
-        completion_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[i, :len(ids)] = 1
-    behavior = torch.full((len(pairs), width), math.nan, dtype=torch.float32)
-    index = torch.tensor([p for p, _ in pairs], dtype=torch.long)
-    return Rollout(completion_ids.to(device), mask.to(device), behavior.to(device), index.to(device))
+        return groups
+    pad = tokenizer.pad_token_id
+    rollout = tokens_to_rollout([p for p, _ in pairs], [ids for _, ids in pairs], None,
+                                groups.rollout.completion_ids.device, pad)
+    rewards, _ = score_rollout(reward_funcs, reward_weights, tokenizer, rollout, [rows[p] for p, _ in pairs],
+                               trainer_state, reward_timeout)
+    return groups.extend(rollout, rewards, DEMONSTRATION, pad_token_id=pad)
 
 
 def texts(row: dict, column: str) -> list[str]:

@@ -9,6 +9,7 @@ in the layout of Table 1.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -173,3 +174,28 @@ def format_table(results: Mapping, label: str = "model") -> str:
             cells.append(f"{100 * entry['score']:.2f}" if entry else "-")
         lines.append(f"| {row_label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def held_out_accuracy(engine, tokenizer, rows, reward_func, config, accelerator, trainer_state=None) -> float:
+    """The training loop's greedy held-out accuracy: the mean of ``reward_func`` (an unscorable answer counts 0)
+    over ``rows``, split across processes."""
+    from gvpo.scoring import score_rollout
+
+    if not rows:
+        return math.nan
+    mine = rows[accelerator.process_index::accelerator.num_processes]
+    params = SamplingParams(max_new_tokens=config.eval.eval_max_completion_length or config.rollout.max_completion_length,
+                            temperature=0.0, stop_strings=config.rollout.stop_strings)
+    total = torch.zeros(2, device=accelerator.device)
+    for start in range(0, len(mine), 256):
+        chunk = mine[start:start + 256]
+        rollout = engine.generate([r["prompt_ids"] for r in chunk], 1, params)
+        values, _ = score_rollout([reward_func], [1.0], tokenizer, rollout,
+                                  [chunk[i] for i in rollout.prompt_index.tolist()], trainer_state,
+                                  config.algorithm.reward_timeout)
+        total += torch.tensor([sum(0.0 if math.isnan(v) else v for v in values), len(values)],
+                              device=accelerator.device)
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1]).item()

@@ -1,4 +1,5 @@
-"""Model loading and teacher-forced token log-probs: the two places the trainer touches transformers."""
+"""Model loading, the one way to prepare a policy for RL (checkpointing, LoRA, dropout off), and teacher-forced
+token log-probs: where the trainer and the rollout workers touch transformers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from gvpo.fused_logps import _unwrap, fused_enabled, fused_head, fused_token_logps, set_fused_logps
 from gvpo.shared_prompt import log_fallback, prompt_groups, set_shared_prompt, shared_enabled, shared_plan, \
     shared_token_logps
+from gvpo.types import build_sequences  # noqa: F401 (its home is beside Rollout; imported from here too)
 
 
 def resolve_model_path(name_or_path: str, gguf_cache_dir: str | None = None) -> str:
@@ -58,6 +60,35 @@ def load_model_and_tokenizer(name_or_path: str = "default", dtype: str = "float3
     return model, tokenizer
 
 
+def prepare_model(model, config):
+    """The policy as the trainer and every rollout worker build it (so that trainable weights load by name):
+    activation checkpointing, LoRA adapters (``peft``), dropout off, eval mode."""
+    if config.model.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen embeddings (LoRA) without enable_input_require_grads.
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.peft.use_peft:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise ImportError("peft.use_peft=true needs `pip install gvpo[peft]`") from e
+        p = config.peft
+        model = get_peft_model(model, LoraConfig(
+            r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+            target_modules=list(p.lora_target_modules) or None))
+    # Dropout would make pi_theta' != pi_theta on the same weights; RL fine-tuning runs without it.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    model.eval()
+    return model
+
+
 def cache_kwargs(model, cache) -> dict:
     """The keyword that hands ``model`` a KV cache: ``cache`` where the model's forward takes it (transformers 5.x,
     where ``past_key_values`` is deprecated and goes in 5.40), else ``past_key_values`` (older versions). Read
@@ -84,24 +115,6 @@ def _checked_source(path: str) -> str:
         raise FileNotFoundError(f"model_name_or_path={path!r}: no such folder; pass a folder with config.json "
                                 f"(saved with save_pretrained), a .gguf file, a hub name, or default (the embedded tiny model)")
     return path
-
-
-def build_sequences(prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                    prompt_index: torch.Tensor, pad_token_id: int):
-    """Concatenate left-padded prompts and right-padded completions.
-
-    Returns ``input_ids (N, P + T)``, ``attention_mask (N, P + T)`` and ``position_ids`` counted from each
-    row's first real token, so that left padding does not shift positions (as transformers' generate does).
-    """
-    from gvpo.rollout.base import left_pad  # the engines' padding, so both see the same prompt layout
-
-    prompts, prompt_attn = left_pad(prompt_ids, pad_token_id)
-    device = completion_ids.device
-    idx = prompt_index.to(device)
-    input_ids = torch.cat([prompts.to(device)[idx], completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_attn.to(device)[idx], completion_mask.long()], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids
 
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Off-policy replay: past responses, keyed by prompt, mixed into fresh groups.
+"""Off-policy replay: past responses, keyed by prompt, mixed into fresh groups by :class:`Replay`, a wrapper
+around any group source (local or Ray rollout workers).
 
 GVPO needs no importance ratio for them (Corollary 3.2: its optimum holds for any sampler that covers
 pi_theta'), so replayed responses enter the loss as they are, with pi_theta' = the current policy at the
@@ -8,11 +9,12 @@ start of the step. GRPO and Dr. GRPO use their standard clipped ratio against th
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 
-from gvpo.types import Rollout
+from gvpo.types import REPLAYED, SAMPLED, Groups, Rollout, tokens_to_rollout
 
 
 @dataclass
@@ -51,6 +53,10 @@ class ReplayBuffer:
                 del self.entries[key]
         return dropped
 
+    def available(self, key: int, step: int) -> int:
+        """Stored responses to prompt ``key`` that :meth:`evict` at ``step`` would keep (nothing is changed)."""
+        return sum(step - r.version <= self.max_staleness for r in self.entries.get(key, []))
+
     def sample(self, key: int, n: int, generator: torch.Generator | None = None) -> list[Response]:
         """Up to ``n`` distinct stored responses to prompt ``key`` (call :meth:`evict` first)."""
         pool = self.entries.get(key, [])
@@ -66,50 +72,6 @@ class ReplayBuffer:
         self.entries = {int(k): [Response(**r) for r in v] for k, v in state["entries"].items()}
 
 
-def generate_groups(engine, prompt_ids: list[list[int]], counts: list[int], params, generator,
-                    seeds: list[int] | None = None) -> Rollout:
-    """Generate ``counts[p]`` completions for prompt p (counts may differ), one engine call per distinct count."""
-    parts = []
-    for k in sorted(set(c for c in counts if c > 0)):
-        chosen = [p for p, c in enumerate(counts) if c == k]
-        kwargs = {} if seeds is None else {"seeds": [seeds[p] for p in chosen]}
-        r = engine.generate([prompt_ids[p] for p in chosen], k, params, generator, **kwargs)
-        r.prompt_index = torch.tensor(chosen, device=r.prompt_index.device)[r.prompt_index]
-        parts.append(r)
-    return concat_rollouts(parts)
-
-
-def concat_rollouts(parts: list[Rollout], pad_token_id: int = 0) -> Rollout:
-    """Stack rollouts of different widths (right padding), keeping each part's prompt_index."""
-    width = max(p.completion_ids.shape[1] for p in parts)
-
-    def pad(x, value):
-        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
-
-    return Rollout(
-        completion_ids=torch.cat([pad(p.completion_ids, pad_token_id) for p in parts]),
-        completion_mask=torch.cat([pad(p.completion_mask, 0) for p in parts]),
-        behavior_logps=torch.cat([pad(p.behavior_logps, 0.0) for p in parts]),
-        prompt_index=torch.cat([p.prompt_index for p in parts]),
-    )
-
-
-def responses_to_rollout(responses: list[tuple[int, Response]], device, pad_token_id: int) -> Rollout:
-    """(prompt index, stored response) pairs as a Rollout, so they join a batch like fresh samples."""
-    width = max(len(r.completion_ids) for _, r in responses)
-    n = len(responses)
-    ids = torch.full((n, width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    logps = torch.zeros((n, width), dtype=torch.float32)
-    for i, (_, r) in enumerate(responses):
-        L = len(r.completion_ids)
-        ids[i, :L] = torch.tensor(r.completion_ids)
-        mask[i, :L] = 1
-        logps[i, :L] = torch.tensor(r.behavior_logps)
-    index = torch.tensor([p for p, _ in responses], dtype=torch.long)
-    return Rollout(ids.to(device), mask.to(device), logps.to(device), index.to(device))
-
-
 def rollout_responses(rollout: Rollout, rewards: list[float], version: int) -> list[Response]:
     """Per-row Response records of a scored rollout (rows in rollout order)."""
     lengths = rollout.completion_mask.sum(-1).tolist()
@@ -117,40 +79,71 @@ def rollout_responses(rollout: Rollout, rewards: list[float], version: int) -> l
     return [Response(ids[i][:L], logps[i][:L], rewards[i], version) for i, L in enumerate(lengths)]
 
 
-def pick_history(replay, keys, num_historical: int, step: int, seeds) -> list[list]:
-    """Per prompt, the stored responses that join its group this step (none without replay). The pick is
-    seeded per prompt (from its generation seed), so it does not depend on the number of processes."""
-    if replay is None:
-        return [[] for _ in keys]
-    replay.evict(step)
-    return [replay.sample(key, num_historical, torch.Generator().manual_seed(_replay_seed(seed)))
-            for key, seed in zip(keys, seeds)]
+class Replay:
+    """A source wrapper: every group of the inner source is filled up to k responses with its prompt's stored
+    ones, and the inner source's sampled responses are stored (version = the step).
+
+    Before it samples, the inner source asks :meth:`reserve` how many places of each group to leave free (in
+    async mode the scheduling thread asks when it plans a step, hence the lock): h = min(num_historical,
+    stored responses that eviction at that step keeps). When the groups arrive the buffer is evicted, each
+    group's free places are filled (a pick seeded per prompt from its generation seed, so it does not depend on
+    the number of processes), then the fresh responses are stored: every process stores every process's, in the
+    order of the prompts' global positions, so the buffers stay the same as in a single process."""
+
+    def __init__(self, buffer: ReplayBuffer, num_historical: int, num_generations: int, accelerator=None,
+                 pad_token_id: int = 0):
+        self.buffer, self.num_historical, self.k = buffer, num_historical, num_generations
+        self.accelerator, self.pad = accelerator, pad_token_id
+        self.inner = None  # the source it wraps (set by gvpo.sources once the inner source exists)
+        self._lock = threading.Lock()
+
+    def reserve(self, step: int, keys: list[int]) -> list[int]:
+        with self._lock:
+            return [min(self.num_historical, self.buffer.available(key, step)) for key in keys]
+
+    def next(self, step: int) -> Groups:
+        groups = self.inner.next(step)
+        sizes = [0] * len(groups.keys)
+        for p in groups.rollout.prompt_index.tolist():
+            sizes[p] += 1
+        with self._lock:
+            self.buffer.evict(step)
+            history = [self.buffer.sample(key, self.k - n, torch.Generator().manual_seed(_replay_seed(seed)))
+                       for key, seed, n in zip(groups.keys, groups.seeds, sizes)]
+            self._store(groups, step)
+            size = len(self.buffer)
+        old = [(p, r) for p, responses in enumerate(history) for r in responses]
+        if old:
+            rollout = tokens_to_rollout([p for p, _ in old], [r.completion_ids for _, r in old],
+                                        [r.behavior_logps for _, r in old], groups.rollout.completion_ids.device,
+                                        self.pad)
+            groups = groups.extend(rollout, [r.reward for _, r in old], REPLAYED, pad_token_id=self.pad)
+        groups.metrics.update(replayed=len(old), replay_buffer_size=size)
+        return groups
+
+    def _store(self, groups: Groups, step: int) -> None:
+        rows = groups.rows_of(SAMPLED)
+        sampled = Rollout(*(x[torch.tensor(rows, dtype=torch.long)] for x in (
+            groups.rollout.completion_ids, groups.rollout.completion_mask, groups.rollout.behavior_logps,
+            groups.rollout.prompt_index)))
+        fresh = rollout_responses(sampled, [groups.rewards[i] for i in rows], version=step)
+        stored = [(groups.positions[p], row, groups.keys[p], response)
+                  for row, (p, response) in enumerate(zip(sampled.prompt_index.tolist(), fresh))
+                  if not math.isnan(response.reward)]
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            stored = gather_object(stored)
+        for _, _, key, response in sorted(stored, key=lambda item: item[:2]):
+            self.buffer.add(key, [response])
+
+    def publish(self, step: int) -> None:
+        self.inner.publish(step)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _replay_seed(seed: int) -> int:
     """A second seed from a generation seed (an LCG step), so the replay pick does not reuse a noise stream."""
     return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
-
-
-def mix_history(replay, rollout, rewards, history, keys, step, pad_token_id, accelerator=None):
-    """Store the fresh responses, then append the replayed ones; returns (rollout, rewards, is_replayed).
-
-    Every process stores every process's fresh responses, in the order of the prompts' global positions: a
-    prompt lands on any rank when it recurs, and the buffers are the same as in a single process."""
-    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
-    fresh = rollout_responses(rollout, rewards, version=step)
-    stored = [(rank + world * p, row, keys[p], response)
-              for row, (p, response) in enumerate(zip(rollout.prompt_index.tolist(), fresh))
-              if not math.isnan(response.reward)]
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        stored = gather_object(stored)
-    for _, _, key, response in sorted(stored, key=lambda item: item[:2]):
-        replay.add(key, [response])
-    old = [(p, r) for p, responses in enumerate(history) for r in responses]
-    if not old:
-        return rollout, rewards, [False] * len(rewards)
-    mixed = concat_rollouts([rollout, responses_to_rollout(old, rollout.completion_ids.device, pad_token_id)],
-                            pad_token_id)
-    return mixed, rewards + [r.reward for _, r in old], [False] * len(rewards) + [True] * len(old)

@@ -2,20 +2,22 @@
 
 Run as a Ray actor by gvpo.async_source (this module never imports ray itself, so it can be tested and read
 as a plain class). Scoring happens here, next to generation, so slow reward functions overlap with training
-too. The worker calls the same :func:`gvpo.groups.generate_and_score` as the synchronous loop, with the seeds
-the learner chose: with the same weights it produces the same groups.
+too; so do demonstrations (the task carries the rows and seeds, the worker holds the tokenizer). The worker
+calls the same :func:`gvpo.groups.sample_groups` as the synchronous loop, with the seeds the learner chose:
+with the same weights it produces the same groups.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 
-from gvpo.groups import generate_and_score, sampling_params, trainer_state_for
-from gvpo.types import Rollout
+from gvpo.groups import sample_groups, trainer_state_for
+from gvpo.modeling import load_model_and_tokenizer, prepare_model
+from gvpo.rollout import make_engine
+from gvpo.types import Groups, Rollout
 
 
 @dataclass
@@ -27,36 +29,27 @@ class Task:
     keys: list[int]  # dataset row of each prompt
     seeds: list[int]
     rows: list[dict]  # the dataset rows (prompt, prompt_ids and the columns reward functions read)
-    counts: list[int] | None = None  # completions to sample per prompt (k - demonstrations); None = k each
+    reserved: list[int] | None = None  # places per group left for a wrapper's rows (replay); None = none
 
 
 @dataclass
 class Result:
     task: Task
     version: int  # the policy version (learner steps completed) that generated every group of the task
-    rollout: Rollout  # on CPU; prompt_index indexes task.positions
-    rewards: list[float]
-    metrics: dict
-    seconds: float  # busy time: weight load + generation + scoring
+    groups: Groups  # on CPU, lag 0 (the learner sets it); prompt p is task.positions[p]
 
 
 class RolloutWorker:
     def __init__(self, config, reward_funcs, reward_weights, threads: int = 1):
-        from gvpo.modeling import load_model_and_tokenizer
-        from gvpo.rollout import make_engine
-        from gvpo.trainer import _prepare_model
-
         torch.set_num_threads(threads)
         model, self.tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
                                                          config.model.trust_remote_code,
                                                          gguf_cache_dir=config.model.gguf_cache_dir or None)
         # The learner's structure (peft adapters, dropout off), so its trainable weights load by name.
-        self.model = _prepare_model(model, config)
+        self.model = prepare_model(model, config)
         if torch.cuda.is_available():
             self.model.cuda()
         self.engine = make_engine(config.rollout.engine, self.model, self.tokenizer)
-        self.sampling = sampling_params(config)
-        self.num_generations = config.rollout.num_generations
         self.reward_funcs, self.reward_weights = reward_funcs, reward_weights
         self.config = config
         self.version = None
@@ -78,17 +71,14 @@ class RolloutWorker:
         """Groups of ``task`` with policy ``version``; ``weights`` is ``[ObjectRef]`` of its trainable
         parameters (boxed so that Ray fetches them only when this worker does not hold that version yet), or
         None: the newest version received by broadcast (``version`` or newer; the result says which)."""
-        t0 = time.perf_counter()
         version = self.use_weights(version, weights)
-        n = len(task.rows)
-        rollout, rewards, metrics = generate_and_score(
-            self.engine, self.tokenizer, task.rows, task.counts or [self.num_generations] * n, self.sampling, None,
-            task.seeds,
-            self.reward_funcs, self.reward_weights, trainer_state_for(self.config, task.step - 1),
-            self.config.algorithm.reward_timeout)
-        rollout = Rollout(rollout.completion_ids.cpu(), rollout.completion_mask.cpu(), rollout.behavior_logps.cpu(),
-                          rollout.prompt_index.cpu())
-        return Result(task, version, rollout, rewards, metrics, time.perf_counter() - t0)
+        groups = sample_groups(self.engine, self.tokenizer, self.config, task.rows, task.keys, task.positions,
+                               task.seeds, task.reserved or [0] * len(task.rows), self.reward_funcs,
+                               self.reward_weights, trainer_state_for(self.config, task.step - 1))
+        r = groups.rollout
+        groups.rollout = Rollout(r.completion_ids.cpu(), r.completion_mask.cpu(), r.behavior_logps.cpu(),
+                                 r.prompt_index.cpu())
+        return Result(task, version, groups)
 
     def use_weights(self, version: int, weights: list | None) -> int:
         """Hold ``version`` (or, from a broadcast, a newer one) in the model; the version now held."""
@@ -115,5 +105,4 @@ class RolloutWorker:
         params = dict(self.model.named_parameters())
         for name, value in weights.items():
             params[name].copy_(value)
-        if hasattr(self.engine, "sync_weights"):  # engines holding their own copy (vLLM) get the new weights
-            self.engine.sync_weights(self.model)
+        self.engine.sync_weights(self.model)  # engines holding their own copy (vLLM) get the new weights

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +22,18 @@ from gvpo import checkpoint as ckpt
 from gvpo import demonstrations
 from gvpo.batch import make_batch
 from gvpo.config import RATIO_LOSSES, Config, save_config
-from gvpo.data import encode_rows
-from gvpo.groups import LocalSource, sampling_params, trainer_state_for
-from gvpo.lag import SimulatedLag
-from gvpo.modeling import load_model_and_tokenizer, resolve_model_path
+from gvpo.data import encode_rows, read_rows
+from gvpo.evaluation import held_out_accuracy
+from gvpo.groups import trainer_state_for
+from gvpo.modeling import load_model_and_tokenizer, prepare_model, resolve_model_path
 from gvpo.old_policy import OldPolicy
 from gvpo.process_group import destroy_at_exit
-from gvpo.replay import ReplayBuffer, mix_history
+from gvpo.replay import ReplayBuffer
 from gvpo.rollout import make_engine
-from gvpo.rollout.base import clipped_rows, special_token_ids
 from gvpo.sampler import PromptSampler
-from gvpo.scoring import check_rewards, resolve_reward, score_rollout
+from gvpo.scoring import check_rewards, resolve_reward
+from gvpo.sources import make_source
 from gvpo.tracking import Tracker, plot_run, progress_bar, step_postfix
-from gvpo.types import SamplingParams
 from gvpo.update import update
 
 
@@ -53,20 +51,24 @@ class Run:
     engine: object
     old_policy: OldPolicy
     sampler: PromptSampler
-    replay: ReplayBuffer | None
-    lag: SimulatedLag
+    replay: ReplayBuffer | None  # the buffer (checkpointed); gvpo.replay.Replay mixes it into the groups
     generator: torch.Generator
-    sampling: SamplingParams
     reward_funcs: list
     reward_weights: list
     train_rows: list
     eval_rows: list
     totals: dict = field(default_factory=lambda: {"skipped_updates": 0, "train_seconds": 0.0, "wall_seconds": 0.0})
-    source: object = field(default_factory=LocalSource)  # where each step's groups come from (gvpo/groups.py)
+    source: object = None  # where each step's finished groups come from (gvpo/sources.py), built last
+    start_step: int = 0  # the checkpoint's step when resumed
+
+    @property
+    def lag(self):
+        """The simulated-lag FIFO, the outermost layer of every source chain (gvpo/lag.py)."""
+        return self.source
 
     def evaluate(self, step: int = 0) -> float:
-        return _evaluate(self.engine, self.tokenizer, self.eval_rows, self.reward_funcs[0], self.config,
-                         self.accelerator, self.trainer_state(step))
+        return held_out_accuracy(self.engine, self.tokenizer, self.eval_rows, self.reward_funcs[0], self.config,
+                                 self.accelerator, self.trainer_state(step))
 
     def trainer_state(self, steps_done: int):
         """TRL's ``trainer_state`` for reward functions: global_step and max_steps count optimizer updates."""
@@ -81,16 +83,11 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
     """
     config = config or Config()
     clock = time.perf_counter()
-    run = setup(config, reward_funcs, train_rows, eval_rows)
-    accelerator, totals, out = run.accelerator, run.totals, Path(config.logging.output_dir)
-    start_step = _resume(run) if config.checkpoint.resume else 0
-    tracker = Tracker(out, config.logging.report_to, config.to_dict(),
-                      resume_step=start_step if start_step else None) if accelerator.is_main_process else None
-    if config.rollout.rollout_workers:
-        from gvpo.async_source import AsyncSource
-
-        run.source = AsyncSource(run, start_step)  # workers start generating while the learner evaluates
+    run = setup(config, reward_funcs, train_rows, eval_rows)  # rollout workers start generating meanwhile
+    accelerator, totals, out, start_step = run.accelerator, run.totals, Path(config.logging.output_dir), run.start_step
     try:
+        tracker = Tracker(out, config.logging.report_to, config.to_dict(),
+                          resume_step=start_step if start_step else None) if accelerator.is_main_process else None
         step = _loop(run, tracker, start_step, clock)
     finally:  # end of run, an error or Ctrl-C: no worker or Ray process is left behind
         run.source.close()
@@ -137,7 +134,8 @@ def _loop(run: Run, tracker, start_step: int, clock: float) -> int:
 
 
 def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) -> Run:
-    """Model, data, rewards, optimizer, engine and state of a run (no step taken)."""
+    """Model, data, rewards, optimizer, engine, state of a run (restored from its checkpoint with
+    ``checkpoint.resume``) and its group source; no step taken."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -154,7 +152,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
                          f"processes ({accelerator.num_processes}) so that every rank holds whole groups")
     set_seed(cfg_t.seed)
     # Data and rewards are checked before anything is written or the (slow) model loads: their errors come first.
-    train_rows, eval_rows = _read_rows(config, train_rows, eval_rows)
+    train_rows, eval_rows = read_rows(config, train_rows, eval_rows)
     funcs = [resolve_reward(f) for f in (reward_funcs or cfg_a.reward_funcs)]
     check_rewards(funcs, train_rows, eval_rows)
     demonstrations.check(train_rows, config)
@@ -173,7 +171,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
     model, tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
                                                 config.model.trust_remote_code, config.model.fused_logps,
                                                 config.model.shared_prompt, config.model.gguf_cache_dir or None)
-    model = _prepare_model(model, config)
+    model = prepare_model(model, config)
     train_rows, eval_rows = (encode_rows(rows, tokenizer, config.data.template) for rows in (train_rows, eval_rows))
     for func in funcs:  # reward models (gvpo.rewards.model.RewardModel) go to the training device
         if hasattr(func, "to") and hasattr(func, "model"):
@@ -184,7 +182,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
     scheduler = _scheduler(optimizer, config)
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
-    return Run(
+    run = Run(
         config=config, accelerator=accelerator, model=model, policy=policy, tokenizer=tokenizer,
         optimizer=optimizer, scheduler=scheduler, engine=make_engine(cfg_r.engine, policy, tokenizer),
         old_policy=OldPolicy(config.old_policy_mode(), policy, cfg_a.ema_decay,
@@ -192,29 +190,23 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
         sampler=PromptSampler(len(train_rows), seed=cfg_t.seed),
         replay=ReplayBuffer(config.replay.max_staleness, capacity=cfg_r.num_generations)
         if config.replay.num_historical else None,
-        lag=SimulatedLag(cfg_t.simulated_policy_lag),
         generator=torch.Generator(device=accelerator.device).manual_seed(cfg_t.seed + 7919 * accelerator.process_index),
-        sampling=sampling_params(config),
         reward_funcs=funcs, reward_weights=list(cfg_a.reward_weights) or [1.0] * len(funcs),
         train_rows=train_rows, eval_rows=eval_rows)
+    run.start_step = _resume(run) if config.checkpoint.resume else 0
+    run.source = make_source(run, run.start_step)
+    return run
 
 
 def train_step(run: Run, step: int) -> dict:
     """One step: a batch of scored groups, the updates, then the new weights go to the group source.
-    Returns the step's metrics.
-
-    With rollout workers the batch's groups were generated by workers up to max_policy_lag versions ago
-    (gvpo.async_source); otherwise it comes through ``run.lag`` (training.simulated_policy_lag): with lag 0
-    it is generated now, else ``lag`` steps ago (gvpo.lag)."""
+    Returns the step's metrics."""
     t0 = time.perf_counter()
-    if run.config.rollout.rollout_workers:
-        batch, metrics = generate_batch(run, step)
-    else:
-        batch, metrics = run.lag.next_batch(lambda index: generate_batch(run, index), version=step - 1)
+    batch, metrics = generate_batch(run, step)
     # Updates: log-probs under pi_theta' once, then num_iterations passes of mini-batch updates.
     t_update = time.perf_counter()
     metrics.update(update(run, batch))
-    run.source.publish(run, step)
+    run.source.publish(step)
     seconds = time.perf_counter() - t0
     run.totals["train_seconds"] += seconds
     metrics.update(step_seconds=seconds, update_seconds=time.perf_counter() - t_update,
@@ -223,32 +215,9 @@ def train_step(run: Run, step: int) -> dict:
 
 
 def generate_batch(run: Run, step: int):
-    """The ``step``-th batch: this rank's scored groups from the source (generated here now, or by rollout
-    workers), plus replayed responses and demonstrations. Returns (batch, metrics)."""
-    tokenizer = run.tokenizer
-    groups = run.source.next(run, step)
-    rollout, rewards = groups.rollout, groups.rewards
-    prompt_ids = [run.train_rows[k]["prompt_ids"] for k in groups.keys]
-    metrics = {**groups.metrics, **_batch_metrics(rewards, rollout), "clipped_ratio": _clipped_ratio(run, rollout)}
-    replayed = None
-    if run.replay is not None:
-        rollout, rewards, replayed = mix_history(run.replay, rollout, rewards, groups.history, groups.keys, step,
-                                                 tokenizer.pad_token_id, run.accelerator)
-        metrics.update(replayed=sum(replayed), replay_buffer_size=len(run.replay))
-    is_demo = None  # demonstrations join their prompt's group after replay (never stored in the buffer)
-    if groups.demos:
-        rollout, rewards, replayed, is_demo, demo_metrics = demonstrations.mix(
-            rollout, rewards, replayed, groups.demos, [run.train_rows[k] for k in groups.keys], run,
-            run.trainer_state(step - 1))
-        metrics.update(demo_metrics)
-    # Group id = the prompt's position in the step's global batch (unique even if a prompt repeats).
-    rows_of = rollout.prompt_index.tolist()
-    batch = make_batch(prompt_ids, rollout, rewards, [groups.positions[p] for p in rows_of],
-                       tokenizer.pad_token_id, replayed, is_demo)
-    if groups.lags is not None:  # versions between each row's generating policy and the learner (kept rows)
-        lags = [groups.lags[p] for p, r in zip(rows_of, rewards) if not math.isnan(r)]
-        batch.lag = torch.tensor(lags, dtype=torch.long, device=batch.input_ids.device)
-    return batch, metrics
+    """The ``step``-th batch: this rank's finished groups from the source chain. Returns (batch, metrics)."""
+    groups = run.source.next(step)
+    return make_batch(groups, run.tokenizer.pad_token_id), groups.metrics
 
 
 def _resume(run: Run) -> int:
@@ -268,7 +237,6 @@ def _resume(run: Run) -> int:
     if run.replay is not None:
         run.replay.load_state_dict(state["replay"][accelerator.process_index])
     run.totals.update(state["totals"])
-    run.lag = SimulatedLag(run.config.training.simulated_policy_lag, generated=state["step"])  # lag 0 (config)
     step, max_steps = state["step"], run.config.training.max_steps
     if step >= max_steps:
         accelerator.print(
@@ -281,134 +249,6 @@ def _resume(run: Run) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # Pieces of the loop
-
-
-def _prepare_model(model, config: Config):
-    if config.model.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen embeddings (LoRA) without enable_input_require_grads.
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.peft.use_peft:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError as e:
-            raise ImportError("peft.use_peft=true needs `pip install gvpo[peft]`") from e
-        p = config.peft
-        model = get_peft_model(model, LoraConfig(
-            r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-            target_modules=list(p.lora_target_modules) or None))
-    # Dropout would make pi_theta' != pi_theta on the same weights; RL fine-tuning runs without it.
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-    model.eval()
-    return model
-
-
-HELD_OUT_SEED = 0  # fixes which rows of a single dataset are held out, independently of training.seed
-
-
-def _load_rows(config: Config, tokenizer, train_rows, eval_rows):
-    train_rows, eval_rows = _read_rows(config, train_rows, eval_rows)
-    return [encode_rows(rows, tokenizer, config.data.template) for rows in (train_rows, eval_rows)]
-
-
-def _read_rows(config: Config, train_rows, eval_rows):
-    """The training and held-out rows, with canonical column names, validated (no tokenizer needed)."""
-    from gvpo.data import validate_rows
-
-    d = config.data
-    if train_rows is None and eval_rows is None and d.dataset and not d.eval_dataset:
-        # One dataset and no eval set: hold out num_eval rows, so evaluation never sees a training row. Rows are
-        # taken in a fixed random order (files are often sorted by source or difficulty): the same held-out
-        # set for every training seed, and num_train caps a random subset, not the file's head.
-        rows = _rows_from(d.dataset, d, "train", 0, config.training.seed)
-        if len(rows) <= d.num_eval:
-            raise ValueError(f"dataset {d.dataset!r} has {len(rows)} rows, not enough to hold out num_eval="
-                             f"{d.num_eval} for evaluation; lower num_eval or set eval_dataset")
-        order = random.Random(HELD_OUT_SEED).sample(range(len(rows)), len(rows))
-        held = sorted(order[:d.num_eval])
-        eval_rows = [rows[i] for i in held]
-        train_rows = [rows[i] for i in sorted(order[d.num_eval:][:d.num_train or None])]
-    if train_rows is None:
-        train_rows = _rows_from(d.dataset, d, "train", d.num_train, config.training.seed)
-    if eval_rows is None:
-        eval_rows = _rows_from(d.eval_dataset or d.dataset, d, "test", d.num_eval, config.training.seed)
-    out = []
-    for rows, name in ((train_rows, "dataset"), (eval_rows, "eval_dataset")):
-        rows = [dict(r) for r in rows]
-        if name == "eval_dataset" and not rows:  # num_eval=0: no held-out evaluation
-            out.append(rows)
-            continue
-        for r in rows:
-            for column, canonical in ((d.prompt_column, "prompt"), (d.answer_column, "answer")):
-                if column != canonical and column in r:
-                    r[canonical] = r[column]
-        try:
-            validate_rows(rows, required=("prompt",))
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-        out.append(rows)
-    return out
-
-
-def _rows_from(source: str, d, split: str, limit: int, seed: int) -> list[dict]:
-    if not source:
-        from gvpo.tasks import make_dataset
-
-        return make_dataset(d.task, split=split, n=limit, seed=seed)
-    from gvpo.data import BENCHMARKS, load_benchmark, load_dataset_file
-
-    rows = load_benchmark(source, split=split if split == "train" else None) if source in BENCHMARKS \
-        else load_dataset_file(source, split=split)
-    for r in rows:  # benchmark rows carry the question as "problem"
-        r.setdefault("prompt", r.get("problem"))
-    return rows[:limit] if limit else rows
-
-
-def _clipped_ratio(run: Run, rollout) -> float:
-    """Share of the step's sampled completions cut at max_completion_length (see rollout.base.clipped_rows)."""
-    eos = getattr(run.engine, "eos_token_ids", None)
-    if eos is None:
-        eos = special_token_ids(run.policy, run.tokenizer)[0]
-    cut = clipped_rows(rollout, run.config.rollout.max_completion_length, eos, run.tokenizer,
-                       run.config.rollout.stop_strings)
-    return cut.float().mean().item() if cut.numel() else 0.0
-
-
-def _batch_metrics(rewards: list[float], rollout) -> dict:
-    scored = [r for r in rewards if not math.isnan(r)]
-    mean = sum(scored) / len(scored) if scored else math.nan
-    std = math.sqrt(sum((r - mean) ** 2 for r in scored) / len(scored)) if scored else math.nan
-    return {"reward_mean": mean, "reward_std": std, "unscored": len(rewards) - len(scored),
-            "completion_length": rollout.completion_mask.sum(-1).float().mean().item()}
-
-
-@torch.no_grad()
-def _evaluate(engine, tokenizer, rows, reward_func, config: Config, accelerator, trainer_state=None) -> float:
-    """Greedy held-out accuracy: the mean of the first reward function (an unscorable answer counts 0)."""
-    if not rows:
-        return math.nan
-    mine = rows[accelerator.process_index::accelerator.num_processes]
-    params = SamplingParams(max_new_tokens=config.eval.eval_max_completion_length or config.rollout.max_completion_length,
-                            temperature=0.0, stop_strings=config.rollout.stop_strings)
-    total = torch.zeros(2, device=accelerator.device)
-    for start in range(0, len(mine), 256):
-        chunk = mine[start:start + 256]
-        rollout = engine.generate([r["prompt_ids"] for r in chunk], 1, params)
-        values, _ = score_rollout([reward_func], [1.0], tokenizer, rollout,
-                                  [chunk[i] for i in rollout.prompt_index.tolist()], trainer_state,
-                                  config.algorithm.reward_timeout)
-        total += torch.tensor([sum(0.0 if math.isnan(v) else v for v in values), len(values)],
-                              device=accelerator.device)
-    if accelerator.num_processes > 1:
-        total = accelerator.reduce(total, reduction="sum")
-    return (total[0] / total[1]).item()
 
 
 def _scheduler(optimizer, config: Config):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gvpo.types import Rollout, SamplingParams
+from gvpo.types import Rollout, SamplingParams, left_pad  # noqa: F401 (left_pad: the engines' padding)
 
 
 def processed_logps(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -92,22 +92,6 @@ def row_uniforms(seeds, num_generations: int, max_new_tokens: int, device) -> to
     noise = [torch.rand((num_generations, max_new_tokens), generator=torch.Generator().manual_seed(int(s)))
              for s in seeds]
     return torch.cat(noise).to(device)
-
-
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids (P, L), attention_mask (P, L)) with prompts right-aligned, as decoder-only generation needs."""
-    if len(prompt_ids) == 0:
-        raise ValueError("prompt_ids is empty: pass at least one prompt (a list of token ids)")
-    lengths = [len(p) for p in prompt_ids]
-    if min(lengths) == 0:
-        raise ValueError(f"prompt_ids[{lengths.index(0)}] is empty: every prompt needs at least one token")
-    width = max(lengths)
-    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for row, prompt in enumerate(prompt_ids):
-        ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
 
 
 def special_token_ids(model, tokenizer) -> tuple[tuple[int, ...], int]:
@@ -234,3 +218,24 @@ def validate_request(prompt_ids, num_generations: int, params: SamplingParams, t
         raise ValueError("prompt_ids is empty: pass at least one prompt (a list of token ids)")
     if params.stop_strings and tokenizer is None:
         raise ValueError("params.stop_strings need a tokenizer: build the engine with the model's tokenizer")
+
+
+class Engine:
+    """What every rollout engine shares: the live model and tokenizer, its end-of-sequence and padding ids, and
+    ``sync_weights`` (a no-op for engines that sample from the live model). An engine adds ``name`` and
+    ``generate(prompt_ids, num_generations, params, generator=None, seeds=None) -> Rollout``.
+
+    Args:
+        eos_token_ids: ids that end a completion; default: the tokenizer's and generation config's EOS. Pass ()
+            to always generate max_new_tokens.
+    """
+
+    name = "engine"
+
+    def __init__(self, model, tokenizer, eos_token_ids=None):
+        self.model, self.tokenizer = model, tokenizer
+        default_eos, self.pad_token_id = special_token_ids(model, tokenizer)
+        self.eos_token_ids = tuple(default_eos if eos_token_ids is None else eos_token_ids)
+
+    def sync_weights(self, model) -> None:
+        """Nothing to copy: the engine samples from the live model, which the trainer updates in place."""

@@ -27,8 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from gvpo.modeling import cache_kwargs
-from gvpo.rollout.base import (build_rollout, left_pad, row_uniforms, sample_tokens, special_token_ids,
-                               validate_request)
+from gvpo.rollout.base import Engine, build_rollout, left_pad, row_uniforms, sample_tokens, validate_request
 from gvpo.rollout.kv_decoder import LlamaStyleDecoder, unsupported_reason
 from gvpo.types import Rollout, SamplingParams
 
@@ -73,12 +72,11 @@ class HFCacheBackend:
 MIN_ROWS_PER_WORKER = 64  # default split: at least this many rows (prompts x k) per worker thread
 
 
-class FastEngine:
+class FastEngine(Engine):
     """KV-cache rollout engine. Holds a reference to the live model; the trainer may update it in place.
 
     Args:
-        eos_token_ids: ids that end a completion; default: tokenizer's and generation config's EOS. Pass ()
-            to always generate max_new_tokens (benchmarks).
+        eos_token_ids: see Engine (benchmarks pass () to always generate max_new_tokens).
         compact_fraction: finished rows leave the batch once they are at least this fraction of it (their
             cache rows are dropped); they also leave whenever the cache grows.
         stop_check_every: how often (steps) completions are decoded to let rows that produced a stop string
@@ -110,10 +108,7 @@ class FastEngine:
             raise ValueError(f"compact_fraction={compact_fraction}: must be in (0, 1]")
         if workers is not None and workers < 1:
             raise ValueError(f"workers={workers}: must be >= 1 (or None for torch's thread count)")
-        self.model = model
-        self.tokenizer = tokenizer
-        default_eos, self.pad_token_id = special_token_ids(model, tokenizer)
-        self.eos_token_ids = tuple(default_eos if eos_token_ids is None else eos_token_ids)
+        super().__init__(model, tokenizer, eos_token_ids)
         self.compact_fraction = compact_fraction
         self.stop_check_every = stop_check_every
         self.backend = backend

@@ -7,26 +7,19 @@ import time
 
 import torch
 
-from gvpo.rollout.base import build_rollout, left_pad, policy_logps, special_token_ids, validate_request
+from gvpo.rollout.base import Engine, build_rollout, left_pad, policy_logps, validate_request
 from gvpo.types import Rollout, SamplingParams
 
 
-class HFEngine:
+class HFEngine(Engine):
     """Rollouts with ``model.generate``; behavior_logps come from its raw logits (``output_logits``) under
-    ``policy_logps`` (temperature only, no top-k / top-p: see ``rollout.base``).
-
-    Args:
-        eos_token_ids: ids that end a completion; default: tokenizer's and generation config's EOS. Pass () to
-            always generate max_new_tokens.
+    ``policy_logps`` (temperature only, no top-k / top-p: see ``rollout.base``). ``eos_token_ids``: see Engine.
     """
 
     name = "hf"
 
     def __init__(self, model, tokenizer, *, eos_token_ids=None):
-        self.model = model
-        self.tokenizer = tokenizer
-        default_eos, self.pad_token_id = special_token_ids(model, tokenizer)
-        self.eos_token_ids = tuple(default_eos if eos_token_ids is None else eos_token_ids)
+        super().__init__(model, tokenizer, eos_token_ids)
 
     def generation_config(self, params: SamplingParams):
         from transformers import GenerationConfig

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from gvpo.rollout.base import build_rollout, is_truncated, special_token_ids, validate_request
+from gvpo.rollout.base import Engine, build_rollout, is_truncated, validate_request
 from gvpo.types import Rollout, SamplingParams
 
 
@@ -30,7 +30,7 @@ def _import_vllm():
     return vllm
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """Args:
         model: the live HF model; its weights are copied into vLLM now and at every ``sync_weights``.
         model_path: what vLLM loads the architecture/config from; default ``model.name_or_path``.
@@ -41,9 +41,7 @@ class VLLMEngine:
 
     def __init__(self, model, tokenizer, *, model_path: str | None = None, eos_token_ids=None, **llm_kwargs):
         vllm = _import_vllm()
-        self.model, self.tokenizer = model, tokenizer
-        default_eos, self.pad_token_id = special_token_ids(model, tokenizer)
-        self.eos_token_ids = tuple(default_eos if eos_token_ids is None else eos_token_ids)
+        super().__init__(model, tokenizer, eos_token_ids)
         path = model_path or getattr(model, "name_or_path", None)
         if not path:
             raise ValueError("VLLMEngine needs model_path= (a local folder or hub id with the model's config)")
