@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from gvpo.hf_compat import unwrap as _unwrap
+
 # A tile of 2**23 float32 logits is 32 MB: the tile, not the vocabulary, then sets the peak (a few tiles'
 # worth of temporaries), and tiles are few enough that per-op overhead stays small (on the shared 2-core CPU,
 # 256 x 2,048 tiles took ~4x as long as 1,024 x 8,192 ones for 1,024 positions at V = 151,936).
@@ -200,20 +202,6 @@ def fused_token_logps(model, plan: FusedHead, input_ids, attention_mask, positio
 
 def _last_hidden(out):
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-def _unwrap(model):
-    """Through DDP / DataParallel / DeepSpeed engines (``.module``), torch.compile (``._orig_mod``) and peft."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module) \
-                and "FullyShard" not in type(model).__name__:
-            model = model.module
-        elif hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
 
 
 def _plan(model) -> FusedHead | str:

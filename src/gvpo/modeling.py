@@ -3,13 +3,12 @@ token log-probs: where the trainer and the rollout workers touch transformers.""
 
 from __future__ import annotations
 
-import functools
-import inspect
 from pathlib import Path
 
 import torch
 
-from gvpo.fused_logps import _unwrap, fused_enabled, fused_head, fused_token_logps, set_fused_logps
+from gvpo.fused_logps import fused_enabled, fused_head, fused_token_logps, set_fused_logps
+from gvpo.hf_compat import cache_kwargs  # noqa: F401 (the engines import it from here)
 from gvpo.shared_prompt import log_fallback, prompt_groups, set_shared_prompt, shared_enabled, shared_plan, \
     shared_token_logps
 from gvpo.types import build_sequences  # noqa: F401 (its home is beside Rollout; imported from here too)
@@ -87,20 +86,6 @@ def prepare_model(model, config):
             module.attention_dropout = 0.0
     model.eval()
     return model
-
-
-def cache_kwargs(model, cache) -> dict:
-    """The keyword that hands ``model`` a KV cache: ``cache`` where the model's forward takes it (transformers 5.x,
-    where ``past_key_values`` is deprecated and goes in 5.40), else ``past_key_values`` (older versions). Read
-    through the wrappers that forward **kwargs (DDP, torch.compile, PEFT)."""
-    base = _unwrap(model)
-    name = "cache" if "cache" in _forward_parameters(type(base)) else "past_key_values"
-    return {name: cache}
-
-
-@functools.cache
-def _forward_parameters(cls) -> frozenset:
-    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def _checked_source(path: str) -> str:

@@ -25,7 +25,9 @@ import logging
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from gvpo.fused_logps import FusedHead, _last_hidden, _unwrap, chunked_logps
+from gvpo.fused_logps import FusedHead, _last_hidden, chunked_logps
+from gvpo.hf_compat import _forward_parameters, cache_kwargs
+from gvpo.hf_compat import unwrap as _unwrap
 
 # Causal LMs checked (tests/test_shared_prompt.py) to write every layer's keys/values through ``cache.update``
 # with the layer's index, and to build their masks from the cache's lengths. Anything else takes the plain pass.
@@ -72,8 +74,6 @@ def shared_plan(model, sequence_length: int) -> str | None:
     if model_type not in SHARED_MODEL_TYPES or not type(lm).__name__.endswith("ForCausalLM"):
         return (f"{type(lm).__name__} (model_type={model_type!r}) is not known to read its keys/values from the "
                 f"cache only (known: {', '.join(sorted(SHARED_MODEL_TYPES))})")
-    from gvpo.modeling import _forward_parameters  # modeling imports this module
-
     if not {"cache", "past_key_values"} & _forward_parameters(type(lm)):
         return f"{type(lm).__name__}.forward takes no KV cache"
     attn = getattr(config, "_attn_implementation", None)
@@ -154,8 +154,6 @@ def _keep_cache_under_checkpointing(lm):
 
 def _forward(model, plan: FusedHead | None, cache, logits_to_keep: int, **inputs):
     """(logits or None, last hidden states or None): hidden states from a hook on the decoder when ``plan``."""
-    from gvpo.modeling import cache_kwargs
-
     captured = []
     hook = plan.decoder.register_forward_hook(lambda m, a, out: captured.append(_last_hidden(out))) if plan else None
     try:
