@@ -271,7 +271,8 @@ class TrainingConfig:
     seed: int = 0
     # Prompts (whole groups) per forward/backward pass; 0 = a whole mini-batch at once.
     micro_batch_prompts: int = 0
-    # bf16 autocast for the training forward pass, where the device supports it.
+    # bf16 autocast for the training forward pass and for generation (the rollout engine; vLLM keeps its own
+    # dtype), where the device supports it.
     bf16: bool = False
     # Deterministic staleness for studies (not the async mode's max_policy_lag bound; with rollout workers the
     # two add up): step s trains on the batch generated `simulated_policy_lag` policy versions (training steps) earlier.
