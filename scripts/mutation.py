@@ -117,7 +117,8 @@ FAULTS = [
     Fault("async-admission-one-ahead", "a worker may start a group one version beyond max_policy_lag",
           "async_source.py", "self._version >= self._next_step - 1 - self.eta",
           "self._version >= self._next_step - 2 - self.eta",
-          ("tests/test_async.py::test_one_worker_lag_zero_reproduces_the_synchronous_run",
+          ("tests/test_async_scheduler.py::test_admission_keeps_the_lag_bound_and_steps_are_assembled_in_order",
+           "tests/test_async.py::test_one_worker_lag_zero_reproduces_the_synchronous_run",
            "tests/test_async.py::test_lag_bound_holds_and_a_killed_worker_loses_no_group")),
     Fault("weight-broadcast-skips-a-tensor", "weight_sync=collective leaves the last trainable tensor stale on the workers",
           "weight_sync.py", "[pg.broadcast(t, 0) for t in tensors]", "[pg.broadcast(t, 0) for t in tensors[:-1]]",
@@ -194,10 +195,14 @@ FAULTS = [
     Fault("lag-wrapper-forgets-the-wait", "SimulatedLag hands out old groups tagged with their generation-time lag",
           "lag.py", "groups.lag = [lag + version - born for lag in groups.lag]", "groups.lag = list(groups.lag)",
           ("tests/test_lag.py",)),
+    Fault("async-lost-task-dropped", "a task whose worker died is not queued again: its groups never arrive",
+          "async_source.py", "        self._queue.appendleft(task)\n", "",
+          ("tests/test_async_scheduler.py::test_a_lost_task_is_generated_again_with_its_prompts_and_seeds",)),
     Fault("async-rows-tagged-fresh", "groups from rollout workers are tagged lag 0 whatever version generated them",
           "async_source.py", "r.groups.lag = [self._version - r.version] * len(r.groups.rewards)",
           "r.groups.lag = [0] * len(r.groups.rewards)",
-          ("tests/test_async.py::test_lag_bound_holds_and_a_killed_worker_loses_no_group",)),
+          ("tests/test_async_scheduler.py::test_admission_keeps_the_lag_bound_and_steps_are_assembled_in_order",
+           "tests/test_async.py::test_lag_bound_holds_and_a_killed_worker_loses_no_group")),
 ]
 
 
