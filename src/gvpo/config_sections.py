@@ -124,7 +124,7 @@ class RolloutConfig:
     # How the learner's weights reach the workers after each step (README "Asynchronous training"):
     # "object_store" (default) = a copy in Ray's object store, fetched by each worker when it needs it;
     # "collective" = one broadcast to every worker through a process group (gloo when the learner is on CPU;
-    # NCCL on CUDA, not run here). While a dead worker restarts, the object store serves; then the group re-forms.
+    # NCCL on CUDA). While a dead worker restarts, the object store serves; then the group re-forms.
     weight_sync: str = "object_store"
 
     def __post_init__(self):

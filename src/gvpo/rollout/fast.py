@@ -3,7 +3,7 @@
 Why not ``model.generate``: for RL rollouts it prefills every prompt k times, re-copies the whole KV cache at
 every step (DynamicCache grows by concatenation), rebuilds masks and runs its logits-processor machinery per
 step, and keeps finished rows in the batch until the longest one ends. On small models that overhead, not the
-arithmetic, sets the speed (GUIDE 7).
+arithmetic, sets the speed.
 
 After the prefill (one batch), on CPU the prompts are split into one block per torch thread (at most one per
 64 rows), and each block is decoded by its own Python thread with its share of the torch threads

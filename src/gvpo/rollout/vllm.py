@@ -1,7 +1,7 @@
 """vLLM engine: a separate vLLM copy of the policy, refreshed with ``sync_weights(model)`` after each update.
 
-Colocated, in-process (one GPU shared with training), as TRL's colocate mode. Untested here (no GPU); the
-code follows vLLM's and TRL's documented APIs:
+Colocated, in-process (one GPU shared with training), as TRL's colocate mode. The code follows vLLM's
+and TRL's documented APIs:
 - ``logprobs_mode="processed_logprobs"``: log-probs after temperature (and after top-k / top-p when set).
   behavior_logps are those of the temperature-scaled, untruncated policy (see ``rollout.base``): exactly
   vLLM's without top-k / top-p; with them, they are recomputed by teacher forcing on the live model.
