@@ -48,3 +48,35 @@ def test_bf16_samples_carry_the_teacher_forced_bf16_logps(arch, tokenizer):
     gap = (rollout.behavior_logps - bf16)[mask].abs()
     assert float(gap.mean()) < 0.03 and float(gap.max()) < 0.25, (float(gap.mean()), float(gap.max()))
     assert float((rollout.behavior_logps - fp32)[mask].abs().max()) > 1e-3  # not float32 arithmetic
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_a_training_runs_rollouts_are_generated_under_autocast_when_bf16_and_only_then(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch, bf16):
+    """training.bf16 covers generation too: the engine samples under bf16 autocast (so the hand-written decoder
+    casts its weights and cache), as the training forward runs; with bf16=false in float32."""
+    from test_trainer import ROWS, config_for, sevens
+
+    from gvpo.trainer import train
+
+    seen, real = [], FastEngine._sample
+
+    def sample(self, *args):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(self, *args)
+
+    monkeypatch.setattr(FastEngine, "_sample", sample)
+    train(config_for(tmp_path, tiny_model_dir, max_steps=1, bf16=bf16, engine="fast"), reward_funcs=[sevens],
+          train_rows=ROWS, eval_rows=ROWS[:4])
+    assert seen and all(on == bf16 for on, _ in seen), seen
+    assert not bf16 or all(dtype == torch.bfloat16 for _, dtype in seen)
+
+
+def test_rollout_workers_generate_in_bf16_when_asked(tmp_path, tiny_model_dir):
+    from test_trainer import config_for
+
+    from gvpo.rollout_worker import RolloutWorker
+
+    for bf16 in (False, True):
+        worker = RolloutWorker(config_for(tmp_path, tiny_model_dir, bf16=bf16), [], [], threads=torch.get_num_threads())
+        assert worker.engine.autocast_dtype == (torch.bfloat16 if bf16 else None)

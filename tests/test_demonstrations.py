@@ -283,7 +283,7 @@ def test_baselines_get_the_demonstration_mask_only_the_luffy_way(tmp_path, tiny_
         calls.append(kwargs.get("off_policy_mask"))
         return real(*args, **kwargs)
 
-    monkeypatch.setitem(gvpo.update.LOSSES, "grpo", recording)
+    monkeypatch.setitem(gvpo.losses.LOSSES, "grpo", recording)
     seen = capture_batches(monkeypatch)
     cfg = config_for(tmp_path, tiny_model_dir, algorithm="grpo", demonstration_loss=demonstration_loss,
                      demonstration_column="solution", max_steps=1)

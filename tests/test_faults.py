@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from test_trainer import ROWS, TIMING, CrashAfter, config_for, read, sevens
 
 import gvpo.trainer
+import gvpo.losses
 import gvpo.update
 from gvpo.modeling import load_model_and_tokenizer, token_logps
 from gvpo.scoring import RewardError
@@ -24,7 +25,7 @@ class Recorder:
 
     def __init__(self, monkeypatch, algorithm="gvpo"):
         self.calls, self._last_inputs = [], None
-        real_loss, real_logps = gvpo.update.LOSSES[algorithm], gvpo.update.token_logps
+        real_loss, real_logps = gvpo.losses.LOSSES[algorithm], gvpo.update.token_logps
 
         def logps_fn(model, input_ids, attention_mask, position_ids, num_completion_tokens, temperature=1.0):
             self._last_inputs = (input_ids, attention_mask, position_ids, num_completion_tokens, temperature)
@@ -36,7 +37,7 @@ class Recorder:
                                    kwargs=kwargs))
             return real_loss(logps, old, mask, rewards, group_ids, **kwargs)
 
-        monkeypatch.setitem(gvpo.update.LOSSES, algorithm, loss_fn)
+        monkeypatch.setitem(gvpo.losses.LOSSES, algorithm, loss_fn)
         monkeypatch.setattr(gvpo.update, "token_logps", logps_fn)
 
 

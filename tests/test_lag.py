@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gvpo import update as update_module
+from gvpo.losses import LOSSES
 from gvpo.config import load_config
 from gvpo.modeling import token_logps
 from gvpo.trainer import generate_batch, setup, train_step
@@ -48,8 +49,8 @@ class Spy:
 
 
 def _spy(monkeypatch, algorithm):
-    spy = Spy(update_module.LOSSES[algorithm])
-    monkeypatch.setitem(update_module.LOSSES, algorithm, spy)
+    spy = Spy(LOSSES[algorithm])
+    monkeypatch.setitem(LOSSES, algorithm, spy)
     return spy
 
 

@@ -406,3 +406,21 @@ def test_luffy_ignores_old_logps_of_demonstrations_and_never_clips_them():
         grpo_loss(logps, old, mask, rewards, group_ids, off_policy_mask=off, policy_shaping_gamma=0.0)
     with pytest.raises(ValueError, match="off_policy_mask"):
         grpo_loss(logps, old, mask, rewards, group_ids, off_policy_mask=torch.tensor([1, 0, 0]))
+
+
+def test_input_checks_read_no_values_off_the_cpu(monkeypatch):
+    """On an accelerator a check of values (finite rewards / log-probs) is a device sync per micro-batch: there
+    only shapes and dtypes are checked, unless GVPO_CHECK_VALUES=1. Meta tensors stand in for a device: reading a
+    value from one raises, so a check that passes read none; a wrong shape is still named."""
+    import gvpo.losses as losses
+
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    args = (meta(4, 3), meta(4, 3), meta(4, 3, dtype=torch.long), meta(4), meta(4, dtype=torch.long))
+    losses._check_inputs(*args, ref_logps=meta(4, 3))
+    with pytest.raises(ValueError, match="old_logps: expected shape"):
+        losses._check_inputs(args[0], meta(4, 2), *args[2:])
+    monkeypatch.setattr(losses, "CHECK_VALUES_ON_DEVICE", True)  # the debug switch reads them everywhere
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        losses._check_inputs(*args)

@@ -123,7 +123,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, tiny_model_di
 
 
 def test_non_finite_loss_skips_the_update(tmp_path, tiny_model_dir, monkeypatch):
-    import gvpo.update as trainer_module
+    import gvpo.losses as trainer_module
 
     real = trainer_module.LOSSES["gvpo"]
     calls = {"n": 0}

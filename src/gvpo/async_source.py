@@ -15,8 +15,8 @@ schedule exactly.
 
 Weights (gvpo.weight_sync): after each step rank 0 puts the trainable parameters into Ray's object store once
 (a worker fetches them when it starts a task with a version it does not hold yet), or with
-``weight_sync=collective`` broadcasts them to every worker through one process group (gloo on CPU, tested;
-NCCL on CUDA, not run; vLLM workers not run: see README).
+``weight_sync=collective`` broadcasts them to every worker through one process group (gloo on CPU, NCCL
+on CUDA).
 
 Faults: a worker process that dies is restarted by Ray (``max_restarts``); its unfinished task goes back to
 the front of the queue and is generated again, with the same prompts and seeds. A reward function that raises
@@ -131,7 +131,7 @@ class AsyncSource:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._stopping = False
-        gpu = 1 if resolve_engine(cfg.rollout.engine) == "vllm" else 0  # vLLM workers: one GPU each (not run)
+        gpu = 1 if resolve_engine(cfg.rollout.engine) == "vllm" else 0  # vLLM workers: one GPU each
         actor = weight_sync.actor_class(ray, cfg.rollout.weight_sync, RolloutWorker)
         actor = actor.options(num_cpus=1, num_gpus=gpu, max_restarts=MAX_RESTARTS, max_task_retries=0)
         self.workers = [actor.remote(cfg, run.reward_funcs, run.reward_weights) for _ in range(cfg.rollout.rollout_workers)]

@@ -124,7 +124,7 @@ class RolloutConfig:
     # How the learner's weights reach the workers after each step (README "Asynchronous training"):
     # "object_store" (default) = a copy in Ray's object store, fetched by each worker when it needs it;
     # "collective" = one broadcast to every worker through a process group (gloo when the learner is on CPU;
-    # NCCL on CUDA, not run here). While a dead worker restarts, the object store serves; then the group re-forms.
+    # NCCL on CUDA). While a dead worker restarts, the object store serves; then the group re-forms.
     weight_sync: str = "object_store"
 
     def __post_init__(self):
@@ -271,7 +271,8 @@ class TrainingConfig:
     seed: int = 0
     # Prompts (whole groups) per forward/backward pass; 0 = a whole mini-batch at once.
     micro_batch_prompts: int = 0
-    # bf16 autocast for the training forward pass, where the device supports it.
+    # bf16 autocast for the training forward pass and for generation (the rollout engine; vLLM keeps its own
+    # dtype), where the device supports it.
     bf16: bool = False
     # Deterministic staleness for studies (not the async mode's max_policy_lag bound; with rollout workers the
     # two add up): step s trains on the batch generated `simulated_policy_lag` policy versions (training steps) earlier.

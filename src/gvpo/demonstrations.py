@@ -26,14 +26,15 @@ from gvpo.scoring import score_rollout
 from gvpo.types import DEMONSTRATION, Groups, tokens_to_rollout
 
 
-def per_group(config) -> int:
-    """d, the demonstrations that join each group (0 when no column is set)."""
-    return config.data.demonstrations_per_group if config.data.demonstration_column else 0
+def per_group(settings) -> int:
+    """d, the demonstrations that join each group (0 when no column is set). ``settings``: what holds
+    ``demonstration_column`` and ``demonstrations_per_group`` (gvpo's ``config.data``, TRL's ``GVPOConfig``)."""
+    return settings.demonstrations_per_group if settings.demonstration_column else 0
 
 
 def pick(rows: list[dict], config, tokenizer, seeds: list[int]) -> list[list[list[int]]]:
     """Per prompt, up to d demonstrations as completion token ids (EOS appended, cut at the budget)."""
-    d = per_group(config)
+    d = per_group(config.data)
     if not d:
         return [[] for _ in rows]
     column, budget = config.data.demonstration_column, config.rollout.max_completion_length
@@ -52,7 +53,7 @@ def choose(row: dict, column: str, d: int, seed: int) -> list[str]:
 
 def check(rows: list[dict], config) -> None:
     """Every training row holds demonstrations of the right type (before anything is written or loaded)."""
-    if per_group(config):
+    if per_group(config.data):
         for row in rows:
             texts(row, config.data.demonstration_column)
 

@@ -1,7 +1,8 @@
 """Policy losses as pure functions of tensors: GVPO, the GRPO / Dr. GRPO baselines and the ratio-free peer A*-PO.
 
 Every loss takes per-token log-probs and returns ``(loss, metrics)``; ``metrics`` holds detached 0-dim
-tensors (no device sync here: the caller decides when to read them). No model, no logging, no globals.
+tensors (no device sync here: the caller decides when to read them; the input checks read values only on the
+CPU, see ``CHECK_VALUES_ON_DEVICE``). No model, no logging, no globals.
 
 Shapes: B responses, T completion tokens. Responses answer prompts identified by ``group_ids`` (B,):
 any integers, groups of any size, in any order (not necessarily contiguous).
@@ -10,8 +11,10 @@ any integers, groups of any size, in any order (not necessarily contiguous).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+from torch import Tensor
 
 Metrics = dict[str, torch.Tensor]
 
@@ -70,16 +73,28 @@ def _check_inputs(logps, old_logps, mask, rewards, group_ids, ref_logps=None) ->
             raise ValueError(f"{name}: expected shape {(B,)} (one value per response), got {_describe(x)}")
     if group_ids.is_floating_point() or group_ids.dtype == torch.bool:
         raise ValueError(f"group_ids: expected an integer tensor (one prompt id per response), got {group_ids.dtype}")
-    if not torch.isfinite(rewards).all():
+    if _reads_values(rewards) and not torch.isfinite(rewards).all():
         bad = torch.nonzero(~torch.isfinite(rewards))[0].item()
         raise ValueError(
             f"rewards: non-finite value {rewards[bad].item()} at index {bad}; drop unscorable responses "
             "(a reward function returns None for them) instead of passing NaN or inf"
         )
+    if not _reads_values(logps):
+        return
     valid = mask.bool()
     for name, x in (("logps", logps), ("old_logps", old_logps), ("ref_logps", ref_logps)):
         if x is not None and not torch.isfinite(x.detach()[valid]).all():
             raise ValueError(f"{name}: non-finite log-prob on a completion token (where mask == 1)")
+
+
+# Checks of values (finite rewards and log-probs) read the tensors: on an accelerator a device sync per loss call,
+# so there they run only with GVPO_CHECK_VALUES=1. Without them a non-finite value still cannot corrupt the
+# policy: the update skips (and counts) a step whose gradient is not finite. Shapes and dtypes are always checked.
+CHECK_VALUES_ON_DEVICE = os.environ.get("GVPO_CHECK_VALUES", "0") == "1"
+
+
+def _reads_values(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" or CHECK_VALUES_ON_DEVICE
 
 
 def _describe(x) -> str:
@@ -103,15 +118,8 @@ def gvpo_weights(
     return (group_center(rewards.to(implicit.dtype), index, counts) - group_center(implicit, index, counts)).detach()
 
 
-def gvpo_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    mask: torch.Tensor,
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor,
-    beta: float = 0.1,
-    num_groups: float | None = None,
-) -> tuple[torch.Tensor, Metrics]:
+def gvpo_loss(logps: Tensor, old_logps: Tensor, mask: Tensor, rewards: Tensor, group_ids: Tensor, beta: float = 0.1,
+              num_groups: float | None = None) -> tuple[Tensor, Metrics]:
     """GVPO loss in its MSE form (Zhang et al. 2025, Theorem 3.4, Bessel-corrected; Corollary 3.5 for any k).
 
     For each group g (the k_g >= 2 responses to one prompt), with sequence scores s_i = sum_t logps (a sum,
@@ -199,8 +207,10 @@ def _shaped_off_policy_loss(logps, advantages, gamma):
     return -(p / (p + gamma)) * advantages.unsqueeze(1)
 
 
-def _baseline_loss(logps, old_logps, mask, rewards, group_ids, *, scale, epsilon, epsilon_high, ref_logps, kl_coef,
-                   reduce, off_policy_mask=None, policy_shaping_gamma=0.1):
+def _baseline_loss(logps, old_logps, mask, rewards, group_ids, *, scale, reduce, epsilon=0.2, epsilon_high=None,
+                   ref_logps=None, kl_coef=0.0, off_policy_mask=None, policy_shaping_gamma=0.1):
+    """GRPO and Dr. GRPO: ``scale`` divides the advantages by the group std, ``reduce`` (token losses, mask) -> loss;
+    the keyword defaults are :func:`grpo_loss`'s."""
     _check_inputs(logps, old_logps, mask, rewards, group_ids, ref_logps)
     if off_policy_mask is not None and (not isinstance(off_policy_mask, torch.Tensor)
                                         or tuple(off_policy_mask.shape) != (logps.shape[0],)
@@ -257,19 +267,9 @@ def _group_std(r, centred, index, counts):
     return std[index]
 
 
-def grpo_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    mask: torch.Tensor,
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    ref_logps: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    off_policy_mask: torch.Tensor | None = None,
-    policy_shaping_gamma: float = 0.1,
-) -> tuple[torch.Tensor, Metrics]:
+def grpo_loss(logps: Tensor, old_logps: Tensor, mask: Tensor, rewards: Tensor, group_ids: Tensor, epsilon: float = 0.2,
+              epsilon_high: float | None = None, ref_logps: Tensor | None = None, kl_coef: float = 0.0,
+              off_policy_mask: Tensor | None = None, policy_shaping_gamma: float = 0.1) -> tuple[Tensor, Metrics]:
     """GRPO (Shao et al. 2024, DeepSeekMath, Eq. 3 with the outcome-supervision advantage of Sec. 4.1.2).
 
     Advantage A_i = (R_i - mean_g R) / (std_g R + 1e-4) (Bessel-corrected std and 1e-4 as in TRL); token ratio
@@ -292,26 +292,15 @@ def grpo_loss(
                           off_policy_mask=off_policy_mask, policy_shaping_gamma=policy_shaping_gamma)
 
 
-def dr_grpo_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    mask: torch.Tensor,
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor,
-    max_completion_length: int | None = None,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    ref_logps: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    off_policy_mask: torch.Tensor | None = None,
-    policy_shaping_gamma: float = 0.1,
-) -> tuple[torch.Tensor, Metrics]:
+def dr_grpo_loss(logps: Tensor, old_logps: Tensor, mask: Tensor, rewards: Tensor, group_ids: Tensor,
+                 max_completion_length: int | None = None, **options) -> tuple[Tensor, Metrics]:
     """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", Eq. 3 / their Listing).
 
     Advantage A_i = R_i - mean_g R (no std: removes the question-difficulty bias); the clipped token losses of
     each sequence are summed and divided by a constant, ``max_completion_length`` (default: T), then averaged
     over sequences (removes the length bias). Clipping, the optional KL and LUFFY's ``off_policy_mask`` as in
-    :func:`grpo_loss`. Dr. GRPO + ``off_policy_mask`` is the closest to LUFFY's released recipe
+    :func:`grpo_loss`: ``options`` are its keywords (epsilon, epsilon_high, ref_logps, kl_coef, off_policy_mask,
+    policy_shaping_gamma), with its defaults. Dr. GRPO + ``off_policy_mask`` is the closest to LUFFY's released recipe
     (``grpo_use_std=False``, token losses summed and divided by a constant); it differs in the constant
     (LUFFY divides by the response length only, per micro-batch) and has no entropy bonus (LUFFY: 0.001).
     """
@@ -322,9 +311,8 @@ def dr_grpo_loss(
     def constant_normalised(token_loss, m):
         return (token_loss * m).sum() / (m.shape[0] * const)
 
-    return _baseline_loss(logps, old_logps, mask, rewards, group_ids, scale=False, epsilon=epsilon,
-                          epsilon_high=epsilon_high, ref_logps=ref_logps, kl_coef=kl_coef, reduce=constant_normalised,
-                          off_policy_mask=off_policy_mask, policy_shaping_gamma=policy_shaping_gamma)
+    return _baseline_loss(logps, old_logps, mask, rewards, group_ids, scale=False, reduce=constant_normalised,
+                          **options)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,17 +342,9 @@ def leave_one_out_soft_value(rewards: torch.Tensor, group_ids: torch.Tensor, bet
     return beta1 * (torch.logsumexp(others, dim=1) - torch.log(n_others))
 
 
-def astar_po_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    mask: torch.Tensor,
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor,
-    beta1: float = 0.5,
-    beta2: float = 1e-3,
-    v_star: torch.Tensor | None = None,
-    num_sequences: float | None = None,
-) -> tuple[torch.Tensor, Metrics]:
+def astar_po_loss(logps: Tensor, old_logps: Tensor, mask: Tensor, rewards: Tensor, group_ids: Tensor,
+                  beta1: float = 0.5, beta2: float = 1e-3, v_star: Tensor | None = None,
+                  num_sequences: float | None = None) -> tuple[Tensor, Metrics]:
     """A*-PO's Stage-2 least-squares regression (Brantley et al. 2025, arXiv 2505.20686; equation cited from the
     authors' ``compute_policy_loss`` in ZhaolinGao/A-PO and TRL's experimental A2POTrainer, which agree):
 
@@ -408,7 +388,7 @@ def astar_po_loss(
     index, counts = group_index(group_ids)
     if v_star is not None:
         if not isinstance(v_star, torch.Tensor) or tuple(v_star.shape) != (logps.shape[0],) \
-                or not torch.isfinite(v_star).all():
+                or (_reads_values(v_star) and not torch.isfinite(v_star).all()):
             raise ValueError(f"v_star: expected a finite tensor of shape {(logps.shape[0],)} (one V*(x) per "
                              f"response), got {_describe(v_star)}")
         value = v_star.detach().to(seq.dtype)  # (B,)

@@ -49,7 +49,7 @@ class RolloutWorker:
         self.model = prepare_model(model, config)
         if torch.cuda.is_available():
             self.model.cuda()
-        self.engine = make_engine(config.rollout.engine, self.model, self.tokenizer)
+        self.engine = make_engine(config.rollout.engine, self.model, self.tokenizer, bf16=config.training.bf16)
         self.reward_funcs, self.reward_weights = reward_funcs, reward_weights
         self.config = config
         self.version = None

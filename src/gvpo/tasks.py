@@ -31,6 +31,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from gvpo.rewards.math import completion_text
+
 ANSWER_MARKER = "####"
 TEST_FRACTION = 0.1  # share of all problems that belong to the held-out split
 
@@ -153,13 +155,6 @@ def extract_answer(completion: str) -> str | None:
     return tail if _ANSWER_RE.fullmatch(tail) else None
 
 
-def _completion_text(completion) -> str:
-    # TRL passes conversational completions as a list of {"role", "content"} messages.
-    if isinstance(completion, list):
-        return completion[-1]["content"] if completion else ""
-    return completion
-
-
 def arithmetic_reward(prompts, completions, answer, **kwargs) -> list[float | None]:
     """TRL-style reward: 1.0 when the completion's final answer equals the gold integer, else 0.0.
 
@@ -176,7 +171,7 @@ def _graded(completions, answer, extract) -> list[float | None]:
         raise ValueError(f"answer: got {len(answers)} gold answers for {len(completions)} completions")
     out: list[float | None] = []
     for completion, gold in zip(completions, answers):
-        value = extract(_completion_text(completion))
+        value = extract(completion_text(completion))
         out.append(float(value is not None and value.lstrip("-").isdigit() and int(value) == int(gold)))
     return out
 

@@ -184,7 +184,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
     policy = accelerator.unwrap_model(model)
     run = Run(
         config=config, accelerator=accelerator, model=model, policy=policy, tokenizer=tokenizer,
-        optimizer=optimizer, scheduler=scheduler, engine=make_engine(cfg_r.engine, policy, tokenizer),
+        optimizer=optimizer, scheduler=scheduler, engine=make_engine(cfg_r.engine, policy, tokenizer, bf16=cfg_t.bf16),
         old_policy=OldPolicy(config.old_policy_mode(), policy, cfg_a.ema_decay,
                              need_ref=cfg_a.algorithm in RATIO_LOSSES and cfg_a.kl_coef > 0),
         sampler=PromptSampler(len(train_rows), seed=cfg_t.seed),

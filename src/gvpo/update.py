@@ -11,8 +11,8 @@ import torch
 
 from gvpo.batch import Batch, group_rows, split_groups
 from gvpo.config import RATIO_LOSSES
-from gvpo.losses import LOSSES
 from gvpo.modeling import token_logps
+from gvpo.objectives import OBJECTIVES, LossInputs
 
 
 def update(run, batch: Batch) -> dict:
@@ -21,7 +21,7 @@ def update(run, batch: Batch) -> dict:
     old_policy, optimizer, scheduler, totals = run.old_policy, run.optimizer, run.scheduler, run.totals
     cfg_a = config.algorithm
     temperature = config.rollout.temperature
-    loss_fn = LOSSES[cfg_a.algorithm]
+    loss_fn = OBJECTIVES[cfg_a.algorithm]
     updates = cfg_a.num_iterations * cfg_a.num_mini_batches
     # With one update per batch, pi_theta' = the generating policy is exactly logps.detach() (as the
     # authors do); otherwise its log-probs must be taken once, before the first update changes the weights.
@@ -87,7 +87,9 @@ def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, r
             if cfg_a.algorithm in RATIO_LOSSES:
                 old = ratio_denominator(old, micro, cfg_a.off_policy_correction)
             _add_behaviour_kl(kl_sums, logps.detach(), micro)
-            loss, m = _loss(loss_fn, cfg_a, logps, old, micro, totals_mb, accelerator.num_processes)
+            loss, m = loss_fn(LossInputs(logps, old, micro.completion_mask, micro.rewards, micro.group_ids,
+                                         **totals_mb, world=accelerator.num_processes, ref_logps=micro.ref_logps,
+                                         is_demonstration=micro.is_demonstration), cfg_a)
             accelerator.backward(loss)
         for k, v in m.items():
             stats.setdefault(k, []).append(float(v))
@@ -175,25 +177,6 @@ def _accumulate(accelerator, model, sync: bool):
 def _zero_loss(model, batch: Batch) -> torch.Tensor:
     token = torch.zeros((1, 1), dtype=torch.long, device=batch.input_ids.device)
     return model(input_ids=token, use_cache=False).logits.sum() * 0.0
-
-
-def _loss(loss_fn, cfg_a, logps, old, micro: Batch, totals_mb: dict, world: int):
-    """The micro-batch's share of the mini-batch loss, scaled so that summing over micro-batches and
-    averaging over ranks (DDP) gives the loss of the whole mini-batch."""
-    args = (logps, old, micro.completion_mask, micro.rewards, micro.group_ids)
-    if cfg_a.algorithm == "gvpo":
-        return loss_fn(*args, beta=cfg_a.beta, num_groups=max(totals_mb["groups"], 1) / world)
-    if cfg_a.algorithm == "astar_po":  # a mean over the responses of groups with k >= 2
-        return loss_fn(*args, beta1=cfg_a.beta1, beta2=cfg_a.beta2,
-                       num_sequences=max(totals_mb["grouped_sequences"], 1) / world)
-    kwargs = dict(epsilon=cfg_a.epsilon, epsilon_high=cfg_a.epsilon_high, kl_coef=cfg_a.kl_coef,
-                  ref_logps=micro.ref_logps)
-    if cfg_a.algorithm == "dr_grpo":
-        kwargs["max_completion_length"] = micro.completion_mask.shape[1]
-    if cfg_a.demonstration_loss == "luffy" and micro.is_demonstration is not None and bool(micro.is_demonstration.any()):
-        kwargs.update(off_policy_mask=micro.is_demonstration, policy_shaping_gamma=cfg_a.policy_shaping_gamma)
-    loss, m = loss_fn(*args, **kwargs)
-    return loss * len(micro) * world / max(totals_mb["sequences"], 1), m
 
 
 def _global_counts(mini: Batch | None, accelerator) -> dict:

@@ -186,11 +186,6 @@ def check_whole_groups(group_ids: torch.Tensor, num_generations: int) -> None:
             "(per_device_eval_batch_size when evaluating) a multiple of num_generations (num_generations_eval).")
 
 
-def demonstrations_per_group(args) -> int:
-    """d, the demonstrations that replace samples in each training group (0 when no column is set)."""
-    return args.demonstrations_per_group if args.demonstration_column else 0
-
-
 def check_demonstration_inputs(args: GVPOConfig, trainer_args: dict) -> None:
     """Before the model loads: the train_dataset has the column, every row holds strings, and no multi-turn or
     custom rollout is configured (demonstrations replace single-turn completions)."""
@@ -238,7 +233,7 @@ class GVPOTrainer(GRPOTrainer):
         self.gvpo_beta = args.beta
         self._demo_plan = None  # this batch's demonstration token ids per row (None = sample), while it generates
         self._rewards_per_func = None  # the last batch's rewards, all processes (B_global, functions)
-        if demonstrations_per_group(args):
+        if demonstrations.per_group(args):
             bound = inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *more, **kwargs)
             check_demonstration_inputs(args, bound.arguments)
         # TRL reads args.beta as its KL coefficient while it builds the trainer (beta != 0 loads a reference model
@@ -253,7 +248,7 @@ class GVPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         plan = None
-        if self.model.training and demonstrations_per_group(self.args):
+        if self.model.training and demonstrations.per_group(self.args):
             plan = self._plan_demonstrations(inputs)
         self._demo_plan = plan  # consumed by _generate_single_turn
         try:
@@ -283,7 +278,7 @@ class GVPOTrainer(GRPOTrainer):
         groups, so block g of k rows is one prompt; its last d rows become its demonstrations. The pick is seeded
         by (seed, global_step, the group's position in the global batch), as gvpo's trainer seeds it per prompt,
         so it does not depend on the number of processes."""
-        k, d, column = self.num_generations, demonstrations_per_group(self.args), self.args.demonstration_column
+        k, d, column = self.num_generations, demonstrations.per_group(self.args), self.args.demonstration_column
         if len(inputs) % k:
             raise RuntimeError(f"GVPOTrainer: a generation batch of {len(inputs)} rows is not whole groups of "
                                f"num_generations={k}; demonstrations need TRL's grouped layout")

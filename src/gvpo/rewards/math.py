@@ -317,11 +317,13 @@ def grader_metrics() -> dict:
     return out
 
 
-def _completion_text(completion) -> str:
-    """TRL passes strings, or for conversational data a list of messages: grade the last one."""
+def completion_text(completion) -> str:
+    """TRL passes strings, or for conversational data a list of messages: grade the last one ("" for none)."""
     if isinstance(completion, str):
         return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+    if isinstance(completion, list) and not completion:
+        return ""
+    if isinstance(completion, list) and isinstance(completion[-1], dict):
         return str(completion[-1].get("content", ""))
     raise TypeError(f"completion of type {type(completion).__name__}: expected a str or a list of messages")
 
@@ -348,7 +350,7 @@ def score_completions(completions, golds, timeout_s: float | None = None):
         raise ValueError(f"{len(completions)} completions but {len(golds)} answers: they must be aligned")
     start = time.perf_counter()
     timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
-    extracted = [extract_answer(_completion_text(c)) for c in completions]
+    extracted = [extract_answer(completion_text(c)) for c in completions]
     # Per row, one verdict per part that must be equal (the whole answer, or each entry of a matrix).
     verdicts: list[list | None] = [None] * len(completions)
     todo: dict[tuple, list[tuple[int, int]]] = {}  # (answer, gold) -> (row, part) that need it
@@ -406,4 +408,4 @@ def boxed_format(prompts=None, completions=None, **kwargs) -> list[float]:
     """1.0 if the completion holds exactly one (top-level, closed) `\\boxed{}` answer, else 0.0."""
     if completions is None:
         raise TypeError("boxed_format needs completions=")
-    return [float(len(boxed_contents(_completion_text(c))) == 1) for c in completions]
+    return [float(len(boxed_contents(completion_text(c))) == 1) for c in completions]

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from gvpo.rollout.base import processed_logps, sample_tokens
 from gvpo.rollout.fast import FastEngine
 from gvpo.rollout.hf import HFEngine
@@ -20,14 +22,15 @@ def resolve_engine(name: str) -> str:
         return name
     import importlib.util
 
-    import torch
-
     return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "fast"
 
 
-def make_engine(name: str, model, tokenizer, **kwargs):
-    """Build the rollout engine called `name` ("auto", "fast", "hf" or "vllm") around a live model and its tokenizer."""
+def make_engine(name: str, model, tokenizer, *, bf16: bool = False, **kwargs):
+    """Build the rollout engine called `name` ("auto", "fast", "hf" or "vllm") around a live model and its tokenizer.
+    ``bf16`` (``training.bf16``): generate under bf16 autocast, as the training forward runs (vLLM: its own dtype)."""
     name = resolve_engine(name)
+    if bf16:
+        kwargs["autocast_dtype"] = torch.bfloat16
     if name == "fast":
         return FastEngine(model, tokenizer, **kwargs)
     if name == "hf":

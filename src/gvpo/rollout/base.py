@@ -11,6 +11,8 @@ old log-probs by teacher forcing without top-k / top-p. Truncation only decides 
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Sequence
 
 import torch
@@ -221,21 +223,63 @@ def validate_request(prompt_ids, num_generations: int, params: SamplingParams, t
 
 
 class Engine:
-    """What every rollout engine shares: the live model and tokenizer, its end-of-sequence and padding ids, and
-    ``sync_weights`` (a no-op for engines that sample from the live model). An engine adds ``name`` and
-    ``generate(prompt_ids, num_generations, params, generator=None, seeds=None) -> Rollout``.
+    """What every rollout engine shares: the live model and tokenizer, its end-of-sequence and padding ids,
+    ``generate`` (checks the request, switches dropout off, times the call, runs under autocast when asked and
+    assembles the Rollout) and ``sync_weights`` (a no-op for engines that sample from the live model). An engine
+    adds ``name`` and ``_sample``, its sampling alone.
 
     Args:
         eos_token_ids: ids that end a completion; default: the tokenizer's and generation config's EOS. Pass ()
             to always generate max_new_tokens.
+        autocast_dtype: sample under ``torch.autocast(device, autocast_dtype)`` (``training.bf16``: generation in
+            the training forward's precision, so behaviour log-probs match the trainer's to rounding); None: the
+            caller's precision.
     """
 
     name = "engine"
 
-    def __init__(self, model, tokenizer, eos_token_ids=None):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, eos_token_ids=None, autocast_dtype: torch.dtype | None = None):
+        self.model, self.tokenizer, self.autocast_dtype = model, tokenizer, autocast_dtype
         default_eos, self.pad_token_id = special_token_ids(model, tokenizer)
         self.eos_token_ids = tuple(default_eos if eos_token_ids is None else eos_token_ids)
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        num_generations: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        seeds: list[int] | None = None,
+    ) -> Rollout:
+        """k = ``num_generations`` completions per prompt, rows prompt-major. ``seeds`` (one per prompt) make each
+        prompt's samples independent of the rest of the batch where the engine can (the trainer uses them so
+        that any number of processes samples the same completions); else ``generator``."""
+        validate_request(prompt_ids, num_generations, params, self.tokenizer)
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"seeds: got {len(seeds)} for {len(prompt_ids)} prompts; pass one per prompt")
+        start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()  # dropout off: behavior_logps must describe the sampler exactly
+        try:
+            with self._precision():
+                ids, logps, lengths, stats = self._sample(prompt_ids, num_generations, params, generator, seeds)
+        finally:
+            self.model.train(was_training)
+        stats = {"engine": self.name, "num_tokens": int(lengths.sum()), **stats, "time_s": time.perf_counter() - start}
+        return build_rollout(ids, logps, lengths, num_generations, self.pad_token_id, self.tokenizer,
+                             params.stop_strings, stats)
+
+    def _precision(self):
+        """Autocast to ``autocast_dtype`` on the model's device; without one, the caller's (an autocast the caller
+        has on stays on)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast_dtype)
+
+    def _sample(self, prompt_ids, num_generations: int, params: SamplingParams, generator, seeds):
+        """(completion_ids (N, T), behavior_logps (N, T), lengths (N,), stats): N = prompts x k rows, anything
+        past a row's length (``build_rollout`` blanks it and applies stop strings)."""
+        raise NotImplementedError
 
     def sync_weights(self, model) -> None:
         """Nothing to copy: the engine samples from the live model, which the trainer updates in place."""

@@ -3,7 +3,7 @@
 Why not ``model.generate``: for RL rollouts it prefills every prompt k times, re-copies the whole KV cache at
 every step (DynamicCache grows by concatenation), rebuilds masks and runs its logits-processor machinery per
 step, and keeps finished rows in the batch until the longest one ends. On small models that overhead, not the
-arithmetic, sets the speed (GUIDE 7).
+arithmetic, sets the speed.
 
 After the prefill (one batch), on CPU the prompts are split into one block per torch thread (at most one per
 64 rows), and each block is decoded by its own Python thread with its share of the torch threads
@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from gvpo.modeling import cache_kwargs
-from gvpo.rollout.base import Engine, build_rollout, left_pad, row_uniforms, sample_tokens, validate_request
+from gvpo.rollout.base import Engine, left_pad, row_uniforms, sample_tokens
 from gvpo.rollout.kv_decoder import LlamaStyleDecoder, unsupported_reason
-from gvpo.types import Rollout, SamplingParams
+from gvpo.types import SamplingParams
 
 
 class HFCacheBackend:
@@ -76,7 +75,8 @@ class FastEngine(Engine):
     """KV-cache rollout engine. Holds a reference to the live model; the trainer may update it in place.
 
     Args:
-        eos_token_ids: see Engine (benchmarks pass () to always generate max_new_tokens).
+        eos_token_ids, autocast_dtype: see Engine (benchmarks pass eos_token_ids=() to always generate
+            max_new_tokens).
         compact_fraction: finished rows leave the batch once they are at least this fraction of it (their
             cache rows are dropped); they also leave whenever the cache grows.
         stop_check_every: how often (steps) completions are decoded to let rows that produced a stop string
@@ -101,6 +101,7 @@ class FastEngine(Engine):
         stop_check_every: int = 8,
         backend: str = "auto",
         workers: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ):
         if backend not in ("auto", "layers", "hf"):
             raise ValueError(f"backend={backend!r}: use 'auto', 'layers' or 'hf'")
@@ -108,7 +109,7 @@ class FastEngine(Engine):
             raise ValueError(f"compact_fraction={compact_fraction}: must be in (0, 1]")
         if workers is not None and workers < 1:
             raise ValueError(f"workers={workers}: must be >= 1 (or None for torch's thread count)")
-        super().__init__(model, tokenizer, eos_token_ids)
+        super().__init__(model, tokenizer, eos_token_ids, autocast_dtype)
         self.compact_fraction = compact_fraction
         self.stop_check_every = stop_check_every
         self.backend = backend
@@ -131,20 +132,7 @@ class FastEngine(Engine):
         # contends for the GIL and splitting is slower (16 rows: 116 vs 70 ms); from 64 rows each it pays.
         return max(1, min(torch.get_num_threads(), num_prompts, num_prompts * k // MIN_ROWS_PER_WORKER))
 
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        num_generations: int,
-        params: SamplingParams,
-        generator: torch.Generator | None = None,
-        seeds: list[int] | None = None,
-    ) -> Rollout:
-        """``seeds`` (one per prompt) make each prompt's samples independent of the rest of the batch (the
-        trainer uses them so that any number of processes samples the same completions); else ``generator``."""
-        validate_request(prompt_ids, num_generations, params, self.tokenizer)
-        if seeds is not None and len(seeds) != len(prompt_ids):
-            raise ValueError(f"seeds: got {len(seeds)} for {len(prompt_ids)} prompts; pass one per prompt")
-        start = time.perf_counter()
+    def _sample(self, prompt_ids, num_generations, params, generator, seeds):
         k, max_new = num_generations, params.max_new_tokens
         input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id)
         device = next(self.model.parameters()).device
@@ -163,30 +151,19 @@ class FastEngine(Engine):
             _decode_loop, params=params, eos_ids=self.eos_token_ids, compact_fraction=self.compact_fraction,
             stop_check=self._stop_checker(params),
         )
-        was_training = self.model.training
-        self.model.eval()  # dropout off: behavior_logps must describe the sampler exactly
-        try:
-            with torch.inference_mode():
-                logits = backend.prefill(input_ids, attention_mask, k, max_new)  # whole batch, all threads
-                workers = self._num_workers(backend, device, len(prompt_ids), k)
-                # Blocks of whole prompts, as even as possible, so every block ends on a group boundary.
-                bounds = [round(i * len(prompt_ids) / workers) * k for i in range(workers + 1)]
-                parts = backend.split(bounds) if workers > 1 else [backend]
-                jobs = [functools.partial(decode, part, logits[a:b], uniforms[a:b])
-                        for part, a, b in zip(parts, bounds[:-1], bounds[1:])]
-                results = _run_parallel(jobs)
-        finally:
-            self.model.train(was_training)
+        with torch.inference_mode():
+            logits = backend.prefill(input_ids, attention_mask, k, max_new)  # whole batch, all threads
+            workers = self._num_workers(backend, device, len(prompt_ids), k)
+            # Blocks of whole prompts, as even as possible, so every block ends on a group boundary.
+            bounds = [round(i * len(prompt_ids) / workers) * k for i in range(workers + 1)]
+            parts = backend.split(bounds) if workers > 1 else [backend]
+            jobs = [functools.partial(decode, part, logits[a:b], uniforms[a:b])
+                    for part, a, b in zip(parts, bounds[:-1], bounds[1:])]
+            results = _run_parallel(jobs)
         ids, logps, lengths = (torch.cat([r[i] for r in results]) for i in range(3))
-        stats = {
-            "num_tokens": int(lengths.sum()), "compactions": sum(r[3] for r in results),
-            "prefill_rows": len(prompt_ids), "workers": len(parts),
-            "engine": self.name, "backend": type(backend).__name__, "time_s": time.perf_counter() - start,
-        }
-        return build_rollout(
-            ids, logps, lengths, num_generations, self.pad_token_id,
-            self.tokenizer, params.stop_strings, stats,
-        )
+        stats = {"compactions": sum(r[3] for r in results), "prefill_rows": len(prompt_ids), "workers": len(parts),
+                 "backend": type(backend).__name__}
+        return ids, logps, lengths, stats
 
     def _stop_checker(self, params: SamplingParams):
         """A function (ids (n, t)) -> bool (n,): which rows already contain a stop string; None if unused."""

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 
-from gvpo.rollout.base import Engine, build_rollout, left_pad, policy_logps, validate_request
-from gvpo.types import Rollout, SamplingParams
+from gvpo.rollout.base import Engine, left_pad, policy_logps
+from gvpo.types import SamplingParams
 
 
 class HFEngine(Engine):
     """Rollouts with ``model.generate``; behavior_logps come from its raw logits (``output_logits``) under
-    ``policy_logps`` (temperature only, no top-k / top-p: see ``rollout.base``). ``eos_token_ids``: see Engine.
+    ``policy_logps`` (temperature only, no top-k / top-p: see ``rollout.base``). ``eos_token_ids``,
+    ``autocast_dtype``: see Engine.
     """
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, *, eos_token_ids=None):
-        super().__init__(model, tokenizer, eos_token_ids)
+    def __init__(self, model, tokenizer, *, eos_token_ids=None, autocast_dtype: torch.dtype | None = None):
+        super().__init__(model, tokenizer, eos_token_ids, autocast_dtype)
 
     def generation_config(self, params: SamplingParams):
         from transformers import GenerationConfig
@@ -43,20 +43,11 @@ class HFEngine(Engine):
             **sampling,
         )
 
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        num_generations: int,
-        params: SamplingParams,
-        generator: torch.Generator | None = None,
-        seeds: list[int] | None = None,
-    ) -> Rollout:
-        """``seeds`` is accepted for interface parity: generate has one global RNG, so it seeds that with the
-        first prompt's seed (reproducible, but a prompt's samples still depend on its batch)."""
+    def _sample(self, prompt_ids, num_generations, params, generator, seeds):
+        """``seeds``: generate has one global RNG, so it is seeded with the first prompt's seed (reproducible, but a
+        prompt's samples still depend on its batch)."""
         if seeds is not None and generator is None:
             generator = torch.Generator().manual_seed(int(seeds[0]))
-        validate_request(prompt_ids, num_generations, params, self.tokenizer)
-        start = time.perf_counter()
         input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id)
         device = next(self.model.parameters()).device
         config = self.generation_config(params)
@@ -64,25 +55,16 @@ class HFEngine(Engine):
         input_ids = input_ids.repeat_interleave(num_generations, dim=0)
         attention_mask = attention_mask.repeat_interleave(num_generations, dim=0)
         extra = {"tokenizer": self.tokenizer} if params.stop_strings else {}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with _seeded(generator, device), torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                    generation_config=config, **extra,
-                )
-        finally:
-            self.model.train(was_training)
+        with _seeded(generator, device), torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                generation_config=config, **extra,
+            )
         completion = out.sequences[:, input_ids.shape[1] :]  # (N, T)
         logits = torch.stack(out.logits, dim=1)  # (N, T, V) raw logits
         logps = policy_logps(logits.flatten(0, 1), params).view(*logits.shape[:2], -1)
         logps = logps.gather(-1, completion[..., None]).squeeze(-1)
-        lengths = _lengths(completion, self.eos_token_ids)
-        stats = {"engine": self.name, "num_tokens": int(lengths.sum()), "time_s": time.perf_counter() - start}
-        return build_rollout(
-            completion, logps, lengths, num_generations, self.pad_token_id, self.tokenizer, params.stop_strings, stats
-        )
+        return completion, logps, _lengths(completion, self.eos_token_ids), {}
 
 
 def _lengths(completion: torch.Tensor, eos_ids) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """vLLM engine: a separate vLLM copy of the policy, refreshed with ``sync_weights(model)`` after each update.
 
-Colocated, in-process (one GPU shared with training), as TRL's colocate mode. Untested here (no GPU); the
-code follows vLLM's and TRL's documented APIs:
+Colocated, in-process (one GPU shared with training), as TRL's colocate mode. The code follows vLLM's
+and TRL's documented APIs:
 - ``logprobs_mode="processed_logprobs"``: log-probs after temperature (and after top-k / top-p when set).
   behavior_logps are those of the temperature-scaled, untruncated policy (see ``rollout.base``): exactly
   vLLM's without top-k / top-p; with them, they are recomputed by teacher forcing on the live model.
@@ -14,12 +14,10 @@ code follows vLLM's and TRL's documented APIs:
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
-from gvpo.rollout.base import Engine, build_rollout, is_truncated, validate_request
-from gvpo.types import Rollout, SamplingParams
+from gvpo.rollout.base import Engine, is_truncated
 
 
 def _import_vllm():
@@ -39,8 +37,10 @@ class VLLMEngine(Engine):
 
     name = "vllm"
 
-    def __init__(self, model, tokenizer, *, model_path: str | None = None, eos_token_ids=None, **llm_kwargs):
+    def __init__(self, model, tokenizer, *, model_path: str | None = None, eos_token_ids=None, autocast_dtype=None,
+                 **llm_kwargs):
         vllm = _import_vllm()
+        # autocast_dtype is not used: vLLM computes in its own dtype (``dtype=`` below, or in llm_kwargs).
         super().__init__(model, tokenizer, eos_token_ids)
         path = model_path or getattr(model, "name_or_path", None)
         if not path:
@@ -83,16 +83,7 @@ class VLLMEngine(Engine):
                 return obj
         return None
 
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        num_generations: int,
-        params: SamplingParams,
-        generator: torch.Generator | None = None,
-        seeds: list[int] | None = None,
-    ) -> Rollout:
-        validate_request(prompt_ids, num_generations, params, self.tokenizer)
-        start = time.perf_counter()
+    def _sample(self, prompt_ids, num_generations, params, generator, seeds):
         seed = None
         if generator is not None:  # drawn on the generator's device: the trainer's is a CUDA one on a GPU
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
@@ -108,7 +99,7 @@ class VLLMEngine(Engine):
             seed=seed,
             stop_token_ids=list(self.eos_token_ids),
             ignore_eos=not self.eos_token_ids,
-            # Stop strings are applied below on token ids, the same way for every engine.
+            # Stop strings are applied by the base class on token ids, the same way for every engine.
         )
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], sampling, use_tqdm=False)
         rows = [sample for request in outputs for sample in sorted(request.outputs, key=lambda s: s.index)]
@@ -126,10 +117,7 @@ class VLLMEngine(Engine):
         if is_truncated(params):  # vLLM's log-probs are of the truncated distribution: take the policy's
             logps = _teacher_forced_logps(self.model, prompt_ids, num_generations, ids, lengths, params.temperature,
                                           self.pad_token_id)
-        stats = {"engine": self.name, "num_tokens": int(lengths.sum()), "time_s": time.perf_counter() - start}
-        return build_rollout(
-            ids, logps, lengths, num_generations, self.pad_token_id, self.tokenizer, params.stop_strings, stats
-        )
+        return ids, logps, lengths, {}
 
 
 @torch.no_grad()
