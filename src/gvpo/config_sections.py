@@ -15,6 +15,19 @@ def _fail(name: str, value, how: str):
     raise ValueError(f"{name}={value!r}: {how}")
 
 
+def _at_least(name: str, value, low, note: str = "") -> None:
+    """Fail with "must be >= low (note)" when ``value`` is below ``low``."""
+    if value < low:
+        _fail(name, value, f"must be >= {low}" + (f" ({note})" if note else ""))
+
+
+def _one_of(name: str, value, choices: tuple, default=None) -> None:
+    """Fail with "use a, b or c" (the default marked) unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        words = [f"{c} (default)" if c == default else str(c) for c in choices]
+        _fail(name, value, f"use {', '.join(words[:-1])} or {words[-1]}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # Local path or hub name of a causal LM; "default" is the tiny model shipped inside the package; a .gguf file
@@ -38,8 +51,7 @@ class ModelConfig:
     shared_prompt: bool = True
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            _fail("dtype", self.dtype, "use float32, bfloat16 or float16")
+        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
 
 @dataclass(frozen=True)
@@ -52,8 +64,7 @@ class PeftConfig:
     lora_target_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.lora_r < 1:
-            _fail("lora_r", self.lora_r, "must be >= 1")
+        _at_least("lora_r", self.lora_r, 1)
 
 
 @dataclass(frozen=True)
@@ -83,12 +94,10 @@ class DataConfig:
     demonstrations_per_group: int = 1
 
     def __post_init__(self):
-        if self.template not in ("none", "plain", "qwen_math", "chat"):
-            _fail("template", self.template, "use none, plain, qwen_math or chat")
+        _one_of("template", self.template, ("none", "plain", "qwen_math", "chat"))
         if self.num_train < 0 or self.num_eval < 0:
             _fail("num_train/num_eval", (self.num_train, self.num_eval), "must be >= 0")
-        if self.demonstrations_per_group < 0:
-            _fail("demonstrations_per_group", self.demonstrations_per_group, "must be >= 0 (0 = no demonstrations)")
+        _at_least("demonstrations_per_group", self.demonstrations_per_group, 0, "0 = no demonstrations")
 
 
 @dataclass(frozen=True)
@@ -128,22 +137,17 @@ class RolloutConfig:
     weight_sync: str = "object_store"
 
     def __post_init__(self):
-        if self.engine not in ("auto", "fast", "hf", "vllm"):
-            _fail("engine", self.engine, "use auto, fast, hf or vllm")
+        _one_of("engine", self.engine, ("auto", "fast", "hf", "vllm"))
         if self.num_generations < 2:
             _fail("num_generations", self.num_generations, "GVPO compares responses within a group: use >= 2")
-        if self.prompts_per_step < 1:
-            _fail("prompts_per_step", self.prompts_per_step, "must be >= 1")
-        if self.max_completion_length < 1:
-            _fail("max_completion_length", self.max_completion_length, "must be >= 1")
+        _at_least("prompts_per_step", self.prompts_per_step, 1)
+        _at_least("max_completion_length", self.max_completion_length, 1)
         if self.temperature <= 0:
             _fail("temperature", self.temperature, "training samples need temperature > 0 (1.0 samples the policy)")
         if self.rollout_workers < 0:
             _fail("rollout_workers", self.rollout_workers, "use 0 (synchronous) or the number of Ray rollout workers")
-        if self.max_policy_lag < 0:
-            _fail("max_policy_lag", self.max_policy_lag, "must be >= 0 (0 = synchronous semantics, default 1)")
-        if self.weight_sync not in ("object_store", "collective"):
-            _fail("weight_sync", self.weight_sync, "use object_store (default) or collective")
+        _at_least("max_policy_lag", self.max_policy_lag, 0, "0 = synchronous semantics, default 1")
+        _one_of("weight_sync", self.weight_sync, ("object_store", "collective"), default="object_store")
 
 
 @dataclass(frozen=True)
@@ -194,22 +198,18 @@ class AlgorithmConfig:
     def __post_init__(self):
         if self.reward_timeout < 0:
             _fail("reward_timeout", self.reward_timeout, "seconds per reward call, >= 0 (0 = no limit)")
-        if self.algorithm not in ("gvpo", "grpo", "dr_grpo", "astar_po"):
-            _fail("algorithm", self.algorithm, "use gvpo, grpo, dr_grpo or astar_po")
+        _one_of("algorithm", self.algorithm, ("gvpo", "grpo", "dr_grpo", "astar_po"))
         if self.beta <= 0:
             _fail("beta", self.beta, "GVPO needs beta > 0 (the paper's default is 0.1)")
         if self.beta1 <= 0 or self.beta2 <= 0:
             _fail("beta1/beta2", (self.beta1, self.beta2), "A*-PO needs both > 0 (the paper's are 0.5 and 1e-3)")
         if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             _fail("epsilon", self.epsilon, "clipping bounds must be > 0 (default 0.2)")
-        if self.kl_coef < 0:
-            _fail("kl_coef", self.kl_coef, "must be >= 0")
+        _at_least("kl_coef", self.kl_coef, 0)
         if self.num_iterations < 1 or self.num_mini_batches < 1:
             _fail("num_iterations/num_mini_batches", (self.num_iterations, self.num_mini_batches), "must be >= 1")
-        if self.old_policy not in ("auto", "previous", "behaviour", "initial", "ema"):
-            _fail("old_policy", self.old_policy, "use auto, previous, behaviour, initial or ema")
-        if self.off_policy_correction not in ("behaviour", "none"):
-            _fail("off_policy_correction", self.off_policy_correction, "use behaviour (default) or none")
+        _one_of("old_policy", self.old_policy, ("auto", "previous", "behaviour", "initial", "ema"))
+        _one_of("off_policy_correction", self.off_policy_correction, ("behaviour", "none"), default="behaviour")
         if self.off_policy_correction == "none" and self.old_policy == "behaviour" and self.algorithm in RATIO_LOSSES:
             _fail("off_policy_correction", "none", "with old_policy=behaviour the ratio is against the behaviour "
                   "log-probs anyway; use old_policy=previous for the uncorrected ablation")
@@ -219,8 +219,7 @@ class AlgorithmConfig:
             _fail("reward_funcs", self.reward_funcs, "name at least one reward function")
         if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
             _fail("reward_weights", self.reward_weights, f"give one weight per reward function ({len(self.reward_funcs)})")
-        if self.demonstration_loss not in ("luffy", "naive"):
-            _fail("demonstration_loss", self.demonstration_loss, "use luffy or naive")
+        _one_of("demonstration_loss", self.demonstration_loss, ("luffy", "naive"))
         if not self.policy_shaping_gamma > 0:
             _fail("policy_shaping_gamma", self.policy_shaping_gamma, "must be > 0 (LUFFY uses 0.1)")
 
@@ -234,10 +233,8 @@ class ReplayConfig:
     max_staleness: int = 16
 
     def __post_init__(self):
-        if self.num_historical < 0:
-            _fail("num_historical", self.num_historical, "must be >= 0 (0 disables replay)")
-        if self.max_staleness < 1:
-            _fail("max_staleness", self.max_staleness, "must be >= 1 (steps)")
+        _at_least("num_historical", self.num_historical, 0, "0 disables replay")
+        _at_least("max_staleness", self.max_staleness, 1, "steps")
 
 
 @dataclass(frozen=True)
@@ -256,8 +253,7 @@ class OptimizerConfig:
     def __post_init__(self):
         if self.learning_rate <= 0:
             _fail("learning_rate", self.learning_rate, "must be > 0")
-        if self.lr_scheduler_type not in ("constant", "linear", "cosine"):
-            _fail("lr_scheduler_type", self.lr_scheduler_type, "use constant, linear or cosine")
+        _one_of("lr_scheduler_type", self.lr_scheduler_type, ("constant", "linear", "cosine"))
         if self.max_grad_norm < 0 or self.warmup_steps < 0:
             _fail("max_grad_norm/warmup_steps", (self.max_grad_norm, self.warmup_steps), "must be >= 0")
 
@@ -282,12 +278,10 @@ class TrainingConfig:
     simulated_policy_lag: int = 0
 
     def __post_init__(self):
-        if self.max_steps < 1:
-            _fail("max_steps", self.max_steps, "must be >= 1")
+        _at_least("max_steps", self.max_steps, 1)
         if self.micro_batch_prompts < 0 or self.max_time_seconds < 0:
             _fail("micro_batch_prompts/max_time_seconds", (self.micro_batch_prompts, self.max_time_seconds), ">= 0")
-        if self.simulated_policy_lag < 0:
-            _fail("simulated_policy_lag", self.simulated_policy_lag, "must be >= 0 (0 = synchronous)")
+        _at_least("simulated_policy_lag", self.simulated_policy_lag, 0, "0 = synchronous")
 
 
 @dataclass(frozen=True)
