@@ -307,7 +307,14 @@ def test_two_torchrun_learners_lag_zero_equal_one_synchronous_process(tmp_path, 
     from distributed_worker import run
     from test_distributed import _launch
 
-    run(tiny_model_dir, str(tmp_path / "sync"), 3, 0)
+    # The reference runs in this process with the learners' one torch thread (torchrun sets OMP_NUM_THREADS=1): a
+    # matmul split over 2 threads rounds differently (1.8e-5 here), which is not what this test is about.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(tiny_model_dir, str(tmp_path / "sync"), 3, 0)
+    finally:
+        torch.set_num_threads(threads)
     sync = load_file(str(tmp_path / "sync" / "checkpoints" / "step-000003" / "model.safetensors"))
     both = _launch(2, tiny_model_dir, tmp_path / "two", extra=["rollout_workers=1", "max_policy_lag=0",
                                                                    f"ray_address={ray_address}",
