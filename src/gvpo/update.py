@@ -41,14 +41,13 @@ def update(run, batch: Batch) -> dict:
             totals_mb = _global_counts(mini, accelerator)
             while True:
                 try:
-                    mini_stats, mini_kl = _backward(run, mini, batch, totals_mb, loss_fn, reuse_detached)
+                    mini_stats, mini_kl = _backward(run, mini, batch, totals_mb, loss_fn, reuse_detached, first_update)
                     break
                 except RuntimeError as e:  # out of memory: the same mini-batch again in smaller micro-batches
                     _shrink_micro_batches(run, mini, e)
             for k, v in mini_stats.items():
                 stats.setdefault(k, []).extend(v)
-            if first_update:  # the learner's start-of-step weights: how stale the batch is
-                kl_sums += mini_kl
+            kl_sums += mini_kl  # measured on the first update only: the learner's start-of-step weights
             first_update = False
             grad_norm = _clip(accelerator, model, config.optimizer.max_grad_norm)
             if not math.isfinite(grad_norm):  # skip and count, never step on a corrupt gradient
@@ -67,7 +66,8 @@ def update(run, batch: Batch) -> dict:
     return out
 
 
-def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, reuse_detached: bool):
+def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, reuse_detached: bool,
+              measure_kl: bool):
     """Forward and backward of one mini-batch in micro-batches of whole groups, gradients accumulated (reduced
     across ranks on the last one). Returns (the micro-batches' metrics, this mini-batch's behaviour-KL sums)."""
     config, accelerator, model = run.config, run.accelerator, run.model
@@ -86,7 +86,8 @@ def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, r
             old = logps.detach() if reuse_detached else micro.old_logps
             if cfg_a.algorithm in RATIO_LOSSES:
                 old = ratio_denominator(old, micro, cfg_a.off_policy_correction)
-            _add_behaviour_kl(kl_sums, logps.detach(), micro)
+            if measure_kl:  # how stale the batch is against the start-of-step weights (a device sync: once a step)
+                _add_behaviour_kl(kl_sums, logps.detach(), micro)
             loss, m = loss_fn(LossInputs(logps, old, micro.completion_mask, micro.rewards, micro.group_ids,
                                          **totals_mb, world=accelerator.num_processes, ref_logps=micro.ref_logps,
                                          is_demonstration=micro.is_demonstration), cfg_a)
