@@ -13,7 +13,7 @@ def test_defaults_and_overrides(tmp_path):
     assert c.algorithm.beta == 0.2 and c.rollout.num_generations == 4 and c.rollout.stop_strings == ("\n",)
     assert c.optimizer.learning_rate == 3e-5 and c.rollout.temperature == 0.7
     assert c.algorithm.reward_funcs == ("arithmetic", "boxed_format")
-    assert Config().algorithm.beta == 0.1  # the paper's default
+    assert Config().algorithm.beta is None and Config().gvpo_beta() == 0.1  # auto: the paper's on fresh groups
 
 
 def test_round_trip(tmp_path):

@@ -209,3 +209,28 @@ def test_auto_old_policy_is_behaviour_only_for_gvpo_on_stale_groups(tmp_path, ti
     assert mode(simulated_policy_lag=2, old_policy="previous") == "previous"  # an explicit choice stands
     run = _run(tmp_path, tiny_model_dir, simulated_policy_lag=1)
     assert run.old_policy.mode == "behaviour"
+
+
+def test_auto_beta_is_the_stale_value_only_on_stale_groups(tmp_path, tiny_model_dir, monkeypatch):
+    """beta=auto (the default): the paper's 0.1 where groups are fresh, STALE_BETA where an older policy generated
+    them (docs/staleness.md); an explicit beta always stands. And the loss receives the resolved value."""
+    from gvpo import objectives
+    from gvpo.config import FRESH_BETA, STALE_BETA
+
+    def beta(**overrides):
+        return config_for(tmp_path, tiny_model_dir, **overrides).gvpo_beta()
+
+    assert (FRESH_BETA, STALE_BETA) == (0.1, 0.5)
+    assert beta() == 0.1 and beta(beta="auto") == 0.1
+    assert beta(simulated_policy_lag=2) == 0.5 and beta(rollout_workers=1, max_policy_lag=1) == 0.5
+    assert beta(rollout_workers=1, max_policy_lag=0) == 0.1
+    assert beta(simulated_policy_lag=2, beta=0.1) == 0.1 and beta(beta=0.3) == 0.3
+    seen = []
+    gvpo = objectives.OBJECTIVES["gvpo"]
+    monkeypatch.setitem(objectives.OBJECTIVES, "gvpo", lambda x, cfg: seen.append(cfg.beta) or gvpo(x, cfg))
+    for lag, expected in ((0, 0.1), (1, 0.5)):
+        seen.clear()
+        run = _run(tmp_path / f"lag{lag}", tiny_model_dir, simulated_policy_lag=lag)
+        for step in (1, 2):
+            train_step(run, step)
+        assert seen and set(seen) == {expected}, (lag, seen)

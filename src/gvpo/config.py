@@ -19,7 +19,7 @@ import yaml
 
 
 from gvpo.config_sections import (  # noqa: F401 (re-exported: users build sections from here)
-    RATIO_LOSSES, AlgorithmConfig, CheckpointConfig, DataConfig, EvalConfig, LoggingConfig, ModelConfig,
+    FRESH_BETA, RATIO_LOSSES, STALE_BETA, AlgorithmConfig, CheckpointConfig, DataConfig, EvalConfig, LoggingConfig, ModelConfig,
     OptimizerConfig, PeftConfig, ReplayConfig, RolloutConfig, TrainingConfig, _fail)
 
 
@@ -44,10 +44,20 @@ class Config:
             return mode
         if self.algorithm.algorithm == "astar_po":
             return "initial"
-        stale = (self.rollout.rollout_workers > 0 and self.rollout.max_policy_lag > 0) \
-            or self.training.simulated_policy_lag > 0
         demos = bool(self.data.demonstration_column and self.data.demonstrations_per_group)
-        return "behaviour" if self.algorithm.algorithm == "gvpo" and stale and not demos else "previous"
+        return "behaviour" if self.algorithm.algorithm == "gvpo" and self.stale_groups() and not demos else "previous"
+
+    def stale_groups(self) -> bool:
+        """Whether the run trains on groups an older policy generated: Ray workers allowed to run ahead, or a
+        simulated lag."""
+        return (self.rollout.rollout_workers > 0 and self.rollout.max_policy_lag > 0) \
+            or self.training.simulated_policy_lag > 0
+
+    def gvpo_beta(self) -> float:
+        """algorithm.beta with "auto" (None) resolved: FRESH_BETA, or STALE_BETA on stale groups."""
+        if self.algorithm.beta is not None:
+            return self.algorithm.beta
+        return STALE_BETA if self.stale_groups() else FRESH_BETA
 
     def __post_init__(self):
         if self.replay.num_historical >= self.rollout.num_generations:
@@ -90,7 +100,7 @@ def _coerce(value, hint, name):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or value == "null":
+        if value is None or value in ("null", "auto"):  # None means auto where a field has an automatic value
             return None
         return _coerce(value, args[0], name)
     if origin is tuple:

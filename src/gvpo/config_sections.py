@@ -150,15 +150,24 @@ class RolloutConfig:
         _one_of("weight_sync", self.weight_sync, ("object_store", "collective"), default="object_store")
 
 
+FRESH_BETA = 0.1  # the paper's
+STALE_BETA = 0.5  # beta=auto on stale groups: docs/staleness.md
+
+
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    # gvpo, grpo, dr_grpo or astar_po (A*-PO, a ratio-free peer: docs/peers.md); all train on the same batches.
+    # gvpo, grpo, dr_grpo, astar_po or oapl (A*-PO and OAPL, ratio-free peers: docs/peers.md); all train on the
+    # same batches. oapl needs old_policy=behaviour: its anchor is the lagged sampler of each group.
     algorithm: str = "gvpo"
-    # GVPO's beta: the target is pi* = pi_theta' exp(R / beta) / Z. Only used by gvpo.
-    beta: float = 0.1
-    # A*-PO only (names and defaults of TRL's A2POConfig and the authors' scripts): beta1 is the temperature of
-    # the optimal-value estimate V = beta1 log mean exp(R / beta1) over the group's other responses; beta2 the
-    # KL strength of the regression beta2 log(pi_theta / pi_ref) ~ R - V. pi_ref is old_policy (auto: initial).
+    # GVPO's beta: the target is pi* = pi_theta' exp(R / beta) / Z. Only used by gvpo. "auto" (or unset): the
+    # paper's 0.1 on fresh groups, STALE_BETA on stale ones (the same test as old_policy=auto), where with
+    # pi_theta' = the behaviour policy beta is the only brake on how far one stale group moves the learner
+    # (docs/staleness.md, docs/async.md: beta 0.1 lost 10-30 points at lag 4-8; 0.5 held).
+    beta: float | None = None
+    # A*-PO and OAPL only (names and defaults of TRL's A2POConfig and A*-PO's scripts): beta1 is the temperature
+    # of the optimal-value estimate V = beta1 log mean exp(R / beta1) over the group's other responses (OAPL: all
+    # of them); beta2 the KL strength of the regression beta2 log(pi_theta / pi_ref) ~ R - V. pi_ref is
+    # old_policy (A*-PO auto: initial; OAPL: behaviour). OAPL's paper used beta1 = 1: pass beta1=1 to match it.
     beta1: float = 0.5
     beta2: float = 1e-3
     # GRPO / Dr. GRPO clipping range [1 - epsilon, 1 + epsilon_high]; epsilon_high defaults to epsilon.
@@ -198,17 +207,21 @@ class AlgorithmConfig:
     def __post_init__(self):
         if self.reward_timeout < 0:
             _fail("reward_timeout", self.reward_timeout, "seconds per reward call, >= 0 (0 = no limit)")
-        _one_of("algorithm", self.algorithm, ("gvpo", "grpo", "dr_grpo", "astar_po"))
-        if self.beta <= 0:
-            _fail("beta", self.beta, "GVPO needs beta > 0 (the paper's default is 0.1)")
+        _one_of("algorithm", self.algorithm, ("gvpo", "grpo", "dr_grpo", "astar_po", "oapl"))
+        if self.beta is not None and self.beta <= 0:
+            _fail("beta", self.beta, "GVPO needs beta > 0 (the paper's default is 0.1), or auto")
         if self.beta1 <= 0 or self.beta2 <= 0:
-            _fail("beta1/beta2", (self.beta1, self.beta2), "A*-PO needs both > 0 (the paper's are 0.5 and 1e-3)")
+            _fail("beta1/beta2", (self.beta1, self.beta2), "A*-PO needs both > 0 (the paper's are 0.5 and 1e-3), "
+                  "as does OAPL (1 and 1e-3)")
         if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             _fail("epsilon", self.epsilon, "clipping bounds must be > 0 (default 0.2)")
         _at_least("kl_coef", self.kl_coef, 0)
         if self.num_iterations < 1 or self.num_mini_batches < 1:
             _fail("num_iterations/num_mini_batches", (self.num_iterations, self.num_mini_batches), "must be >= 1")
         _one_of("old_policy", self.old_policy, ("auto", "previous", "behaviour", "initial", "ema"))
+        if self.algorithm == "oapl" and self.old_policy != "behaviour":
+            _fail("old_policy", self.old_policy, "OAPL regresses onto log(pi_theta / pi_vllm), pi_vllm the lagged "
+                  "policy that sampled each group (its recorded log-probs): use old_policy=behaviour")
         _one_of("off_policy_correction", self.off_policy_correction, ("behaviour", "none"), default="behaviour")
         if self.off_policy_correction == "none" and self.old_policy == "behaviour" and self.algorithm in RATIO_LOSSES:
             _fail("off_policy_correction", "none", "with old_policy=behaviour the ratio is against the behaviour "

@@ -21,7 +21,7 @@ import torch
 from gvpo import checkpoint as ckpt
 from gvpo import demonstrations
 from gvpo.batch import make_batch
-from gvpo.config import RATIO_LOSSES, Config, save_config
+from gvpo.config import FRESH_BETA, RATIO_LOSSES, Config, save_config
 from gvpo.data import encode_rows, read_rows
 from gvpo.evaluation import held_out_accuracy
 from gvpo.groups import trainer_state_for
@@ -193,6 +193,8 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
         generator=torch.Generator(device=accelerator.device).manual_seed(cfg_t.seed + 7919 * accelerator.process_index),
         reward_funcs=funcs, reward_weights=list(cfg_a.reward_weights) or [1.0] * len(funcs),
         train_rows=train_rows, eval_rows=eval_rows)
+    if cfg_a.algorithm == "gvpo" and cfg_a.beta is None and config.stale_groups():
+        accelerator.print(f"beta=auto: {config.gvpo_beta()} on stale groups (fresh: {FRESH_BETA}; docs/staleness.md)")
     run.start_step = _resume(run) if config.checkpoint.resume else 0
     run.source = make_source(run, run.start_step)
     return run
