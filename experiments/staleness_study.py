@@ -4,7 +4,8 @@
     python experiments/staleness_study.py report [--out docs/staleness]
 
 The setup of experiments/async_study.py (docs/async.md) pushed further: the embedded model, one optimizer update
-per generated batch, lr 1e-4, k = 8, 16 prompts per step, temperature 1, held-out greedy accuracy on 200
+per generated batch, lr 1e-4, k = 8, 8 prompts per step (16 in docs/async.md: halved for the 2-core
+budget of 3 seeds x 6 lags x 7 methods), temperature 1, held-out greedy accuracy on 200
 problems, with an exact, deterministic lag (``simulated_policy_lag`` = eta: step s trains on the batch the
 policy of version s - 1 - eta generated; gvpo.lag). Each run is ``gvpo train`` in a subprocess with one thread.
 
@@ -14,9 +15,9 @@ Cases (one directory each under runs/staleness/<task>/<case>/<method>/s<seed>):
   number of updates: the first request generates them all), then 150 updates on them in order: training on a
   fixed log of k responses per prompt with rewards, as offline RL or another team's logs.
 - mixed: groups whose responses come from several past versions at once: a replay buffer (replay.num_historical
-  4 of k = 8, max_staleness 40) over a training set of 160 prompts, so a prompt recurs every 10 steps and its
+  4 of k = 8, max_staleness 40) over a training set of 80 prompts, so a prompt recurs every 10 steps and its
   group holds 4 fresh responses and 4 from up to four versions 10-40 updates old. Its reference, ``mixed_fresh``,
-  is the same 160-prompt training set with no replay (the small set alone changes accuracy).
+  is the same 80-prompt training set with no replay (the small set alone changes accuracy).
 
 Methods: GVPO with pi_theta' = the behaviour policy (each row's sampler, no ratio) at beta 0.1, 0.5, 1 and 2;
 GRPO with the token ratio against the behaviour log-probs, clipped (verl / AReaL); GRPO with no correction
@@ -41,7 +42,7 @@ from pathlib import Path
 ROOT = Path("runs/staleness")
 STEPS = 150
 COMMON = {"eval_steps": 50, "num_eval": 200, "save_steps": 0, "progress_bar": "false", "learning_rate": 1e-4,
-          "num_mini_batches": 1, "num_iterations": 1, "prompts_per_step": 16, "num_generations": 8}
+          "num_mini_batches": 1, "num_iterations": 1, "prompts_per_step": 8, "num_generations": 8}
 TASKS = {"arithmetic": {}, "arithmetic_hard": {"task": "arithmetic_hard", "max_completion_length": 56}}
 METHODS = {
     "gvpo_b0.1": {"algorithm": "gvpo", "old_policy": "behaviour", "beta": 0.1},
@@ -56,7 +57,7 @@ LABELS = {"gvpo_b0.1": "GVPO β 0.1", "gvpo_b0.5": "GVPO β 0.5", "gvpo_b1": "GV
           "grpo_clipped": "GRPO, clipped ratio vs behaviour", "grpo_uncorrected": "GRPO, no correction",
           "astar_po": "A*-PO (ratio-free peer)"}
 LAGS = (0, 8, 16, 32, 64, 128)
-MIXED = {"num_train": 160, "num_historical": 4, "max_staleness": 40}
+MIXED = {"num_train": 80, "num_historical": 4, "max_staleness": 40}
 
 
 def case_settings(case: str) -> dict:
@@ -221,7 +222,7 @@ def report(out_dir: Path, tasks):
 
         lines += ["", f"### {task}: fully off-policy and mixed-version groups, accuracy (%)", "",
                   "| method | offline (all data from the initial model) | mixed (replay, 4 of 8 from 10-40 updates ago) "
-                  "| mixed_fresh (same 160 prompts, no replay) |", "|---|---|---|---|"]
+                  "| mixed_fresh (same 80 prompts, no replay) |", "|---|---|---|---|"]
         for m in METHODS:
             lines.append(f"| {LABELS[m]} | " + " | ".join(_cell(list(scores[c, m].values()))
                                                           for c in ("offline", "mixed", "mixed_fresh")) + " |")
