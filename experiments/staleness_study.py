@@ -22,7 +22,8 @@ Cases (one directory each under runs/staleness/<task>/<case>/<method>/s<seed>):
 Methods: GVPO with pi_theta' = the behaviour policy (each row's sampler, no ratio) at beta 0.1, 0.5, 1 and 2;
 GRPO with the token ratio against the behaviour log-probs, clipped (verl / AReaL); GRPO with no correction
 (ratio against the learner's start-of-step weights); A*-PO (a ratio-free peer, docs/peers.md: regression of
-beta2 log(pi_theta / pi_initial) onto R - V, V the soft value of the group's other responses).
+beta2 log(pi_theta / pi_initial) onto R - V, V the soft value of the group's other responses); OAPL (the same
+regression anchored at each group's sampler, V from its whole group, beta1 = 1 as its paper).
 At eta = 0 GRPO corrected and uncorrected are the same run bit for bit (tests/test_lag.py), so one stands for both.
 ``run`` skips runs whose summary.json exists; ``report`` writes tables.md, frontier.png and frontier.json.
 """
@@ -52,10 +53,12 @@ METHODS = {
     "grpo_clipped": {"algorithm": "grpo", "off_policy_correction": "behaviour"},
     "grpo_uncorrected": {"algorithm": "grpo", "off_policy_correction": "none"},
     "astar_po": {"algorithm": "astar_po"},
+    "oapl": {"algorithm": "oapl", "beta1": 1.0},  # the paper's beta1 (docs/peers.md); anchored at the sampler
 }
 LABELS = {"gvpo_b0.1": "GVPO β 0.1", "gvpo_b0.5": "GVPO β 0.5", "gvpo_b1": "GVPO β 1", "gvpo_b2": "GVPO β 2",
           "grpo_clipped": "GRPO, clipped ratio vs behaviour", "grpo_uncorrected": "GRPO, no correction",
-          "astar_po": "A*-PO (ratio-free peer)"}
+          "astar_po": "A*-PO (ratio-free peer)",
+          "oapl": "OAPL (ratio-free peer)"}
 LAGS = (0, 8, 16, 32, 64, 128)
 MIXED = {"num_train": 80, "num_historical": 4, "max_staleness": 40}
 

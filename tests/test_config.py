@@ -28,7 +28,7 @@ def test_round_trip(tmp_path):
     (["beta=-1"], r"beta=-1.0: GVPO needs beta > 0"),
     (["num_generations=1"], "num_generations=1: .* >= 2"),
     (["num_generations=2.5"], "num_generations=2.5: expected an integer"),
-    (["algorithm=ppo"], "algorithm='ppo': use gvpo, grpo, dr_grpo or astar_po"),
+    (["algorithm=ppo"], "algorithm='ppo': use gvpo, grpo, dr_grpo, astar_po or oapl"),
     (["learning_rate=abc"], "learning_rate='abc': expected float"),
     (["gradient_checkpointing=maybe"], "expected true or false"),
     (["reward_weights=1,2"], "one weight per reward function"),

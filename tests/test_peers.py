@@ -1,11 +1,11 @@
-"""A*-PO, a ratio-free peer of GVPO, against hand computations, its closed-form optimum and its invariances."""
+"""A*-PO and OAPL, ratio-free peers of GVPO, against hand computations, their closed-form optima and invariances."""
 
 import math
 
 import pytest
 import torch
 
-from gvpo.losses import astar_po_loss, leave_one_out_soft_value
+from gvpo.losses import astar_po_loss, group_soft_value, leave_one_out_soft_value, oapl_loss
 
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")  # conftest.py
@@ -274,3 +274,107 @@ def test_astar_po_anchored_at_a_lagged_behaviour_policy_trains_cleanly(tmp_path,
     rows = [r for r in read(tmp_path / "run") if "loss" in r]
     assert summary["skipped_updates"] == 0 and all(math.isfinite(r["loss"]) for r in rows)
     assert abs(rows[-1]["implicit_reward_mean"]) > 1e-4  # the log-ratio to the lagged policy is not 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OAPL: A*-PO's regression anchored at the lagged sampler pi_vllm, V from the whole group (y_i included).
+
+
+def test_oapl_group_value_by_hand():
+    v = group_soft_value(torch.tensor(REWARDS), torch.tensor(IDS), 1.0)
+    assert v[1].item() == v[4].item() == pytest.approx(0.6201145069582775, rel=1e-14)  # log((1 + e) / 2)
+    g8 = math.log((math.e + 1 + math.exp(0.5)) / 3)  # rewards (1, 0, 0.5), each response's own included
+    assert [v[0].item(), v[3].item(), v[5].item()] == pytest.approx([g8] * 3, rel=1e-14)
+    assert v[2].item() == pytest.approx(1.0, rel=1e-14)  # a singleton's value is its own reward
+    big = group_soft_value(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([5, 5, 5]), 1e-3)  # no overflow
+    assert big.tolist() == pytest.approx([1.0 - 1e-3 * math.log(3)] * 3, rel=1e-12)
+
+
+@pytest.mark.parametrize("beta1,beta2", [(1.0, 1e-3), (0.5, 0.1)])
+def test_oapl_value_and_gradient_by_hand(beta1, beta2):
+    logps, old, mask, rewards, ids = tiny_batch()
+    loss, metrics = oapl_loss(logps, old, mask, rewards, ids, beta1=beta1, beta2=beta2)
+    (grad,) = torch.autograd.grad(loss, logps)
+
+    residual = []
+    for i, g in enumerate(IDS):
+        group = [REWARDS[j] for j in range(len(IDS)) if IDS[j] == g]  # y_i's own reward included
+        v = beta1 * math.log(sum(math.exp(r / beta1) for r in group) / len(group))
+        s = sum(LOGPS[i][t] for t in range(2) if MASK[i][t])
+        o = sum(OLD[i][t] for t in range(2) if MASK[i][t])
+        residual.append(beta2 * (s - o) - (REWARDS[i] - v))
+    n = len(IDS)  # every response counts, the singleton (target log-ratio 0) included
+    assert loss.item() == pytest.approx(sum(d * d for d in residual) / n, rel=1e-13)
+    hand_grad = [[2 * beta2 * residual[i] / n * MASK[i][t] for t in range(2)] for i in range(n)]
+    torch.testing.assert_close(grad, torch.tensor(hand_grad), rtol=1e-12, atol=1e-15)
+    assert metrics["sequences_used"].item() == 6 and metrics["sequences_skipped"].item() == 0
+
+
+def test_oapl_minimiser_is_the_kl_regularised_optimum_against_the_sampler():
+    """The paper's claim: the loss's minimiser is pi_vllm exp(R / beta) / Z, the optimum of
+    E[R] - beta KL(pi || pi_vllm), whatever policy the learner starts from. A group whose response counts are
+    pi_vllm's probabilities (4, 3, 2, 1 of 10) makes the group's V exactly beta log Z; beta1 = beta2 = beta."""
+    beta = 0.5
+    sampler = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    reward_of = torch.tensor([0.0, 1.0, 0.3, 1.0])
+    z = sum(p * math.exp(r / beta) for p, r in zip(sampler.tolist(), reward_of.tolist()))
+    optimum = [p * math.exp(r / beta) / z for p, r in zip(sampler.tolist(), reward_of.tolist())]
+    responses = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
+    old = sampler.log()[responses, None]
+    logits = torch.tensor([0.0, 2.0, -1.0, 1.0], requires_grad=True)  # a learner far from the sampler
+    opt = torch.optim.Adam([logits], lr=0.05)
+    for _ in range(1500):
+        logp = torch.log_softmax(logits, 0)[responses, None]
+        loss, _ = oapl_loss(logp, old, torch.ones(10, 1), reward_of[responses], torch.zeros(10, dtype=torch.long),
+                            beta1=beta, beta2=beta)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-12
+    torch.testing.assert_close(torch.softmax(logits, 0), torch.tensor(optimum), rtol=0, atol=1e-6)
+
+
+def test_oapl_objective_micro_batches_add_up_to_the_mean_over_every_response():
+    from gvpo.config import AlgorithmConfig
+    from gvpo.objectives import OBJECTIVES, LossInputs
+
+    cfg = AlgorithmConfig(algorithm="oapl", old_policy="behaviour", beta1=1.0, beta2=0.1)
+    logps, old, mask, rewards, ids = tiny_batch()
+    counts = dict(groups=2, sequences=6, grouped_sequences=5)
+    whole, _ = oapl_loss(logps, old, mask, rewards, ids, beta1=1.0, beta2=0.1)
+    parts = 0.0
+    for chunk in ([8], [3, 1]):  # whole groups per micro-batch
+        rows = torch.tensor([i in chunk for i in ids.tolist()])
+        part, _ = OBJECTIVES["oapl"](LossInputs(logps[rows], old[rows], mask[rows], rewards[rows], ids[rows],
+                                                **counts), cfg)
+        parts = parts + part
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-13)
+
+
+def test_config_selects_oapl_only_anchored_at_the_behaviour_policy():
+    from gvpo.config import load_config
+
+    c = load_config(None, ["algorithm=oapl", "old_policy=behaviour", "beta1=1"])
+    assert c.old_policy_mode() == "behaviour" and (c.algorithm.beta1, c.algorithm.beta2) == (1.0, 1e-3)
+    assert load_config(None, ["algorithm=oapl"]).old_policy_mode() == "behaviour"  # auto: the sampler
+    for mode in ("previous", "initial", "ema"):
+        with pytest.raises(ValueError, match=f"old_policy='{mode}': OAPL regresses onto log\\(pi_theta / pi_vllm\\)"):
+            load_config(None, ["algorithm=oapl", f"old_policy={mode}"])
+    with pytest.raises(ValueError, match="beta1=1.0, beta2=0.0: OAPL needs both > 0"):
+        oapl_loss(*tiny_batch(), beta1=1.0, beta2=0.0)
+
+
+def test_oapl_with_a_lagged_sampler_trains_cleanly(tmp_path, tiny_model_dir):
+    """pi_vllm = the sampler two versions back (simulated_policy_lag=2): the regression is active (R_theta != 0),
+    every response counts, and the run stays finite."""
+    from test_trainer import ROWS, config_for, read, sevens
+
+    from gvpo.trainer import train
+
+    torch.set_default_dtype(torch.float32)
+    cfg = config_for(tmp_path, tiny_model_dir, max_steps=4, algorithm="oapl", old_policy="behaviour",
+                     simulated_policy_lag=2, beta1=1.0, beta2=0.1)
+    summary = train(cfg, reward_funcs=[sevens], train_rows=ROWS, eval_rows=ROWS[:8])
+    rows = [r for r in read(tmp_path / "run") if "loss" in r]
+    assert summary["skipped_updates"] == 0 and all(math.isfinite(r["loss"]) for r in rows)
+    assert abs(rows[-1]["implicit_reward_mean"]) > 1e-4 and rows[-1]["sequences_skipped"] == 0

@@ -44,6 +44,8 @@ class Config:
             return mode
         if self.algorithm.algorithm == "astar_po":
             return "initial"
+        if self.algorithm.algorithm == "oapl":
+            return "behaviour"  # its anchor is the lagged policy that sampled each group
         demos = bool(self.data.demonstration_column and self.data.demonstrations_per_group)
         return "behaviour" if self.algorithm.algorithm == "gvpo" and self.stale_groups() and not demos else "previous"
 

@@ -183,7 +183,7 @@ class AlgorithmConfig:
     # "behaviour" (the policy that generated each group: the batch's behaviour log-probs), "initial" (frozen
     # start model, Theorem 3.1's fixed reference) or "ema" (moving average of the policy). previous and
     # behaviour differ only on stale groups (replayed, lagged, async); both are log-probs of the
-    # temperature-scaled distribution. "auto": "initial" for A*-PO (its pi_ref); "behaviour" for GVPO on stale
+    # temperature-scaled distribution. "auto": "initial" for A*-PO (its pi_ref); "behaviour" for OAPL, and for GVPO on stale
     # groups (max_policy_lag > 0 with workers, or simulated_policy_lag > 0; not with demonstrations), because
     # previous then ignores staleness as uncorrected GRPO does (docs/async.md); else "previous".
     old_policy: str = "auto"
@@ -219,7 +219,7 @@ class AlgorithmConfig:
         if self.num_iterations < 1 or self.num_mini_batches < 1:
             _fail("num_iterations/num_mini_batches", (self.num_iterations, self.num_mini_batches), "must be >= 1")
         _one_of("old_policy", self.old_policy, ("auto", "previous", "behaviour", "initial", "ema"))
-        if self.algorithm == "oapl" and self.old_policy != "behaviour":
+        if self.algorithm == "oapl" and self.old_policy not in ("auto", "behaviour"):
             _fail("old_policy", self.old_policy, "OAPL regresses onto log(pi_theta / pi_vllm), pi_vllm the lagged "
                   "policy that sampled each group (its recorded log-probs): use old_policy=behaviour")
         _one_of("off_policy_correction", self.off_policy_correction, ("behaviour", "none"), default="behaviour")

@@ -418,4 +418,64 @@ def astar_po_loss(logps: Tensor, old_logps: Tensor, mask: Tensor, rewards: Tenso
     return loss, metrics
 
 
-LOSSES = {"gvpo": gvpo_loss, "grpo": grpo_loss, "dr_grpo": dr_grpo_loss, "astar_po": astar_po_loss}
+# --------------------------------------------------------------------------------------------------
+# OAPL: A*-PO's regression anchored at the lagged inference policy, V* from that policy's own group.
+
+
+def group_soft_value(rewards: torch.Tensor, group_ids: torch.Tensor, beta1: float) -> torch.Tensor:
+    """V_i = beta1 * log( 1/k * sum_{j in group(i)} exp(R_j / beta1) ), y_i's own reward included, detached (B,).
+
+    OAPL's group estimate of V*(x) from the k responses the inference policy sampled for x. A stable
+    log-sum-exp per group (the group's maximum taken out first); a singleton's value is its own reward.
+    """
+    index, counts = group_index(group_ids)
+    scaled = rewards.detach() / beta1
+    peak = torch.full((counts.numel(),), -math.inf, dtype=scaled.dtype, device=scaled.device)
+    peak = peak.scatter_reduce(0, index, scaled, reduce="amax")  # (G,)
+    total = group_sum(torch.exp(scaled - peak[index]), index, counts.numel())  # (G,) in [1, k]
+    return (beta1 * (peak + torch.log(total) - torch.log(counts.to(scaled.dtype))))[index]
+
+
+def oapl_loss(logps: Tensor, old_logps: Tensor, mask: Tensor, rewards: Tensor, group_ids: Tensor,
+              beta1: float = 1.0, beta2: float = 1e-3, num_sequences: float | None = None) -> tuple[Tensor, Metrics]:
+    """OAPL (Ritter et al. 2026, "LLMs Can Learn to Reason Via Off-Policy RL", arXiv 2602.19362):
+
+        V(x)  = beta1 * log( 1/k * sum_j exp(R_j / beta1) ),   y_1..y_k ~ pi_vllm(.|x)     (paper Eq. 2)
+        L     = mean_i [ beta2 * (s_i - o_i) - (R_i - V(x_i)) ]^2                           (paper Eq. 3)
+
+    s_i and o_i are sequence log-probs (sums over completion tokens) under pi_theta and under the lagged
+    inference policy pi_vllm that sampled the group (``old_logps``, detached: ``old_policy=behaviour``).
+    Equations cited, in the absence of the paper's text or the authors' code, from two independent
+    implementations in NeMo-RL forks that quote the paper's Eq. 2 and 3 and its math setting (beta1 = 1 and
+    beta2 = 1e-3, this function's defaults; the config's beta1 is A*-PO's 0.5; sync every L = 50 steps):
+    vinhngx/RL (``OAPLAdvantageEstimator``, ``OAPLLossFn``, docs/guides/oapl.md) and a second fork's
+    test_oapl.py (docs/peers.md).
+    This is :func:`astar_po_loss` with two changes: the anchor is the lagged sampler, not the initial model, and
+    V comes from all k responses of the group, y_i's own reward included (both implementations do so). The
+    per-response minimiser is pi_vllm(y|x) exp((R - V) / beta2); with beta1 = beta2 and V exact, the
+    KL-regularised optimum pi_vllm exp(R / beta) / Z, whatever the lag.
+
+    Deviations, and why:
+    - The lag: the paper holds pi_vllm fixed for L steps, then syncs it (and empties its buffer). Here the lag
+      is the trainer's (``simulated_policy_lag``, or async ``rollout_workers``); each group is anchored at the
+      policy that generated it, so the per-group loss is the same, only the schedule of the lag differs.
+    - A singleton group (after unscorable responses are dropped) has V = R: its target log-ratio is 0. It is
+      kept and counted, as in the implementations above (A*-PO skips singletons).
+
+    Args:
+        logps, old_logps, mask, rewards, group_ids: as :func:`gvpo_loss`; ``old_logps`` is pi_vllm.
+        beta1: temperature of the group's soft value V (> 0).
+        beta2: KL-regularisation strength of the regression target (> 0).
+        num_sequences: divide the summed squared errors by this instead of the number of responses here; pass
+            the global count when one batch is split into micro-batches or across processes.
+    """
+    _check_inputs(logps, old_logps, mask, rewards, group_ids)
+    if not beta1 > 0 or not beta2 > 0:
+        raise ValueError(f"beta1={beta1}, beta2={beta2}: OAPL needs both > 0 (the paper uses 1 and 1e-3)")
+    value = group_soft_value(rewards.to(logps.dtype), group_ids, beta1)
+    return astar_po_loss(logps, old_logps, mask, rewards, group_ids, beta1=beta1, beta2=beta2, v_star=value,
+                         num_sequences=num_sequences)
+
+
+LOSSES = {"gvpo": gvpo_loss, "grpo": grpo_loss, "dr_grpo": dr_grpo_loss, "astar_po": astar_po_loss,
+          "oapl": oapl_loss}

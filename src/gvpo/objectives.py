@@ -7,6 +7,7 @@ micro-batches' losses and averaging over ranks (DDP) gives the loss of the whole
 over something different, so each objective says how its mean is split:
 - GVPO: a mean over the groups with k >= 2 -> ``num_groups`` = the mini-batch's count / world size;
 - A*-PO: a mean over the responses of groups with k >= 2 -> ``num_sequences`` likewise;
+- OAPL: a mean over all the responses (singletons included) -> ``num_sequences`` = ``sequences`` / world size;
 - GRPO / Dr. GRPO: a mean over this micro-batch's responses -> rescaled by its share of the mini-batch.
 """
 
@@ -49,6 +50,10 @@ def astar_po(x: LossInputs, cfg):
                               num_sequences=max(x.grouped_sequences, 1) / x.world)
 
 
+def oapl(x: LossInputs, cfg):
+    return LOSSES["oapl"](*x.tensors(), beta1=cfg.beta1, beta2=cfg.beta2, num_sequences=max(x.sequences, 1) / x.world)
+
+
 def grpo(x: LossInputs, cfg):
     return _clipped("grpo", x, cfg)
 
@@ -68,4 +73,4 @@ def _clipped(name: str, x: LossInputs, cfg, **options):
     return loss * len(x.rewards) * x.world / max(x.sequences, 1), m
 
 
-OBJECTIVES = {"gvpo": gvpo, "grpo": grpo, "dr_grpo": dr_grpo, "astar_po": astar_po}
+OBJECTIVES = {"gvpo": gvpo, "grpo": grpo, "dr_grpo": dr_grpo, "astar_po": astar_po, "oapl": oapl}
