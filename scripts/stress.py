@@ -45,13 +45,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pytest_round(tests: list[str]) -> tuple[Counter, bool, str]:
+def _pytest_round(tests: list[str], log: Path | None = None) -> tuple[Counter, bool, str]:
     # The caller's environment as is: CI sets no OMP_NUM_THREADS, and the thread count changes the numerics.
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests], cwd=ROOT,
                           capture_output=True, text=True)
     failed = Counter(m.group(1) for m in re.finditer(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.M))
     summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return failed, ABORT in done.stdout + done.stderr, summary
+    aborted = ABORT in done.stdout + done.stderr
+    if log is not None and (failed or aborted):  # what failed, to read after an unattended run
+        log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    return failed, aborted, summary
 
 
 def _job_round(model: str) -> tuple[Counter, bool, str]:
@@ -83,11 +86,13 @@ def main() -> int:
     try:
         for i in range(1, rounds + 1):
             t0 = time.perf_counter()
-            failed, aborted, summary = _job_round(a.model) if a.job else _pytest_round(a.tests)
+            log = Path(tempfile.gettempdir()) / f"stress-round-{i}.log"
+            failed, aborted, summary = _job_round(a.model) if a.job else _pytest_round(a.tests, log)
             fails.update(failed)
             aborts += aborted
             print(f"round {i}/{rounds}: {summary} ({time.perf_counter() - t0:.0f} s)"
-                  + (" ABORT seen" if aborted else "") + "".join(f"\n  failed: {t}" for t in failed), flush=True)
+                  + (" ABORT seen" if aborted else "") + "".join(f"\n  failed: {t}" for t in failed)
+                  + (f"\n  output: {log}" if failed or aborted else ""), flush=True)
     finally:
         stop.set()
         for b in burners:
