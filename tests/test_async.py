@@ -340,7 +340,8 @@ def _session_processes(pid: int) -> list[int]:
 def test_ctrl_c_leaves_no_ray_process(tmp_path, tiny_model_dir):
     """A CLI run with its own local Ray instance, interrupted after its first step: nothing survives it."""
     out = tmp_path / "cli"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONFAULTHANDLER": "1"}  # a run that does not end gets SIGABRT below: every thread's stack is printed
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "gvpo.cli", "train", f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
            "max_steps=1000", "prompts_per_step=4", "num_generations=4", "max_completion_length=8", "eval_steps=0",
@@ -355,7 +356,12 @@ def test_ctrl_c_leaves_no_ray_process(tmp_path, tiny_model_dir):
         started = _session_processes(proc.pid)
         assert started, "the run's Ray processes were not found: the test checks nothing"
         proc.send_signal(signal.SIGINT)
-        proc.wait(120)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:  # say where it hangs, not only that it does
+            proc.send_signal(signal.SIGABRT)
+            tail = proc.communicate(timeout=30)[0][-6000:]
+            raise AssertionError(f"the run did not end within 120 s of ctrl-c; its threads:\n{tail}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
