@@ -164,6 +164,16 @@ def _drop(scores: dict, zero: dict) -> float | None:
     return statistics.mean(100 * (zero[s] - scores[s]) for s in seeds) if seeds else None
 
 
+def _drop_cell(scores: dict, zero: dict) -> str:
+    """The paired drop with its standard error over seeds (the noise a 2-point criterion must be read against)."""
+    seeds = sorted(set(scores) & set(zero))
+    if not seeds:
+        return "-"
+    d = [100 * (zero[s] - scores[s]) for s in seeds]
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return f"{statistics.mean(d):+.1f} ± {se:.1f}"
+
+
 def frontier(scores_by_lag: dict[int, dict], tolerance: float = 2.0) -> int | None:
     """The largest eta up to which every measured eta stays within ``tolerance`` points of eta = 0 (None when
     eta = 0 was not measured)."""
@@ -214,14 +224,15 @@ def report(out_dir: Path, tasks):
         lines += ["", f"Base model held-out accuracy per seed: {', '.join(f'{100 * b:.1f}' for b in base)}. "
                   "η = 0 is drawn at 1 on the log axis.", ""]
 
-        lines += [f"### {task}: drop against the method's own η = 0, points, paired by seed (positive = worse)", "",
+        lines += [f"### {task}: drop against the method's own η = 0, points, paired by seed, mean ± standard error "
+                  "(positive = worse)", "",
                   "| method | " + " | ".join(f"η = {lag}" for lag in LAGS[1:]) + " | offline | mixed vs mixed_fresh |",
                   "|---" * (len(LAGS) + 2) + "|"]
         for m in METHODS:
             zero = scores["lag0", m]
-            cells = [_drop(scores[f"lag{lag}", m], zero) for lag in LAGS[1:]]
-            cells += [_drop(scores["offline", m], zero), _drop(scores["mixed", m], scores["mixed_fresh", m])]
-            lines.append(f"| {LABELS[m]} | " + " | ".join("-" if c is None else f"{c:+.1f}" for c in cells) + " |")
+            cells = [_drop_cell(scores[f"lag{lag}", m], zero) for lag in LAGS[1:]]
+            cells += [_drop_cell(scores["offline", m], zero), _drop_cell(scores["mixed", m], scores["mixed_fresh", m])]
+            lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
 
         lines += ["", f"### {task}: fully off-policy and mixed-version groups, accuracy (%)", "",
                   "| method | offline (all data from the initial model) | mixed (replay, 4 of 8 from 10-40 updates ago) "
