@@ -347,7 +347,11 @@ def test_ctrl_c_leaves_no_ray_process(tmp_path, tiny_model_dir):
            "max_steps=1000", "prompts_per_step=4", "num_generations=4", "max_completion_length=8", "eval_steps=0",
            "num_eval=4", "num_train=64",
            "save_steps=0", "progress_bar=false", "rollout_workers=1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # As from a terminal: SIGINT at its default. A suite started in the background (`nohup ... &`, some CI runners)
+    # passes SIG_IGN down to its children, and Python then never raises KeyboardInterrupt: the run would ignore
+    # ctrl-c by inheritance, not by a fault of ours (seen in stress rounds: the run was still waiting for groups).
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 180
         while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
