@@ -211,7 +211,7 @@ def report(out_dir: Path, tasks):
         lines += [f"### {task}: held-out greedy accuracy (%), mean of the last three evaluations, mean ± std over "
                   "seeds [runs]", "", header, "|---" * (len(LAGS) + 2) + "|"]
         summary[task] = {}
-        for m in METHODS:
+        for color, m in enumerate(METHODS):  # one colour per method in every panel
             by_lag = {lag: scores[f"lag{lag}", m] for lag in LAGS if scores[f"lag{lag}", m]}
             held = frontier(by_lag)
             summary[task][m] = {"frontier": held, **{f"lag{lag}": list(v.values()) for lag, v in by_lag.items()}}
@@ -223,7 +223,7 @@ def report(out_dir: Path, tasks):
                 spread = [statistics.stdev(scores[f"lag{lag}", m].values()) if len(scores[f"lag{lag}", m]) > 1 else 0
                           for lag in xs]
                 ax.errorbar([max(lag, 1) for lag in xs], [100 * v for v in means], yerr=[100 * v for v in spread],
-                            marker="o", capsize=3, label=LABELS[m])
+                            marker="o", capsize=3, label=LABELS[m], color=f"C{color}")
         base = sorted({r["summary"]["initial_accuracy"] for v in data.values() for r in v.values()})
         lines += ["", f"Base model held-out accuracy per seed: {', '.join(f'{100 * b:.1f}' for b in base)}. "
                   "η = 0 is drawn at 1 on the log axis.", ""]
