@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from train_run import train_run
 
 ROOT = Path("runs/ablations")
 COMMON = {
@@ -78,14 +76,7 @@ def _one(task: str, name: str, seed: int, overrides: dict) -> str:
     # A folder without summary.json holds an unfinished run: start it again from scratch.
     settings = {**base_overrides(name, overrides), "task": task, "seed": seed, "output_dir": str(out),
                 "overwrite_output_dir": True}
-    cmd = [sys.executable, "-m", "gvpo.cli", "train", *[f"{k}={v}" for k, v in settings.items()]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    start = time.time()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode:
-        return f"FAILED {out}: {done.stderr[-500:]}"
-    s = json.loads((out / "summary.json").read_text())
-    return f"{out}: {s['initial_accuracy']:.3f} -> {s['final_accuracy']:.3f} ({time.time() - start:.0f} s)"
+    return train_run(settings, out)
 
 
 def run(tasks, seeds, jobs, only=None):

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from train_run import train_run
 
 ROOT = Path("runs/async_study")
 COMMON = {"max_steps": 40, "eval_steps": 10, "num_eval": 200, "save_steps": 0, "progress_bar": "false",
@@ -67,14 +65,7 @@ def _one(name: str, lag: int, seed: int) -> str:
     if (out / "summary.json").exists():
         return f"skip {out}"
     settings = {**COMMON, **CONFIGS[name], "simulated_policy_lag": lag, "seed": seed, "output_dir": str(out)}
-    cmd = [sys.executable, "-m", "gvpo.cli", "train", *[f"{k}={v}" for k, v in settings.items()]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    start = time.time()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode:
-        return f"FAILED {out}: {done.stderr[-500:]}"
-    s = json.loads((out / "summary.json").read_text())
-    return f"{out}: {s['initial_accuracy']:.3f} -> {s['final_accuracy']:.3f} ({time.time() - start:.0f} s)"
+    return train_run(settings, out)
 
 
 def todo(seeds, lags, only=None) -> list[tuple]:

@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from train_run import train_run
 
 ROOT = Path("runs/staleness")
 STEPS = 150
@@ -94,14 +92,7 @@ def _one(task: str, case: str, method: str, seed: int) -> str:
     if (out / "summary.json").exists():
         return f"skip {out}"
     settings = {**COMMON, **TASKS[task], **METHODS[method], **case_settings(case), "seed": seed, "output_dir": str(out)}
-    cmd = [sys.executable, "-m", "gvpo.cli", "train", *[f"{k}={v}" for k, v in settings.items()]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    start = time.time()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode:
-        return f"FAILED {out}: {done.stderr[-800:]}"
-    s = json.loads((out / "summary.json").read_text())
-    return f"{out}: {s['initial_accuracy']:.3f} -> {s['final_accuracy']:.3f} ({time.time() - start:.0f} s)"
+    return train_run(settings, out)
 
 
 def todo(tasks, cases, seeds, methods) -> list[tuple]:
