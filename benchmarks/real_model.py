@@ -101,7 +101,7 @@ def run_trl(config, arm: str) -> dict:
                 max_grad_norm=o.max_grad_norm, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
                 adam_beta2=o.adam_beta2, adam_epsilon=o.adam_epsilon)
     if arm == "trl_gvpo":
-        trainer_cls, args = GVPOTrainer, GVPOConfig(beta=c.algorithm.beta, **common, **ours)
+        trainer_cls, args = GVPOTrainer, GVPOConfig(beta=c.gvpo_beta(), **common, **ours)
     else:
         trainer_cls, args = GRPOTrainer, GRPOConfig(**common, **(ours if arm == "trl_grpo" else {}))
     trainer = trainer_cls(model=path, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer)
