@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ import torch
 from gvpo import checkpoint as ckpt
 from gvpo import demonstrations
 from gvpo.batch import make_batch
-from gvpo.config import FRESH_BETA, RATIO_LOSSES, Config, save_config
+from gvpo.config import FRESH_BETA, RATIO_LOSSES, AlgorithmConfig, Config, save_config
 from gvpo.data import encode_rows, read_rows
 from gvpo.evaluation import held_out_accuracy
 from gvpo.groups import trainer_state_for
@@ -50,6 +50,7 @@ class Run:
     scheduler: object
     engine: object
     old_policy: OldPolicy
+    loss_config: AlgorithmConfig  # config.algorithm with beta=auto resolved once (the loss's own view)
     sampler: PromptSampler
     replay: ReplayBuffer | None  # the buffer (checkpointed); gvpo.replay.Replay mixes it into the groups
     generator: torch.Generator
@@ -187,6 +188,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
         optimizer=optimizer, scheduler=scheduler, engine=make_engine(cfg_r.engine, policy, tokenizer, bf16=cfg_t.bf16),
         old_policy=OldPolicy(config.old_policy_mode(), policy, cfg_a.ema_decay,
                              need_ref=cfg_a.algorithm in RATIO_LOSSES and cfg_a.kl_coef > 0),
+        loss_config=replace(cfg_a, beta=config.gvpo_beta()),
         sampler=PromptSampler(len(train_rows), seed=cfg_t.seed),
         replay=ReplayBuffer(config.replay.max_staleness, capacity=cfg_r.num_generations)
         if config.replay.num_historical else None,

@@ -4,7 +4,6 @@ algorithm, gradient reduction once per mini-batch, and a skipped (counted) updat
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import warnings
 
@@ -72,7 +71,7 @@ def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, r
     """Forward and backward of one mini-batch in micro-batches of whole groups, gradients accumulated (reduced
     across ranks on the last one). Returns (the micro-batches' metrics, this mini-batch's behaviour-KL sums)."""
     config, accelerator, model = run.config, run.accelerator, run.model
-    cfg_a, temperature = dataclasses.replace(config.algorithm, beta=config.gvpo_beta()), config.rollout.temperature
+    cfg_a, temperature = run.loss_config, config.rollout.temperature
     micros = split_groups(mini, _num_micro(mini, _micro_prompts(run))) if mini is not None else [None]
     stats: dict[str, list] = {}
     kl_sums = torch.zeros(2)
