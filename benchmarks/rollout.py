@@ -12,6 +12,8 @@ Also measures fp32 matmul throughput in the same run and prints each engine's fr
     .venv/bin/python benchmarks/rollout.py --reps 3 --threads 1
     .venv/bin/python benchmarks/rollout.py --natural-eos --skip-25m   # RL workload: rows end at EOS
     .venv/bin/python benchmarks/rollout.py --prompt-len 150 --skip-25m  # long prompts (shared prompt cache)
+    .venv/bin/python benchmarks/rollout.py --model smollm2-135m-instruct --chat --natural-eos --skip-25m
+        # a chat model's RL rollout: addition_chat questions through its chat template, rows end at its end token
 
 With --natural-eos the engines sample different completions (different RNG streams), so they differ a little
 in token count; tokens/s and the speedup use each engine's own count, the FLOP fraction is approximate.
@@ -41,6 +43,10 @@ def load_default(path: str | None = None):
             from gvpo.assets import default_model_path
 
             path = default_model_path()
+        else:  # an alias (smollm2-135m-instruct) or a .gguf file: its converted checkpoint
+            from gvpo.modeling import resolve_model_path
+
+            path = resolve_model_path(path)
         name = "default" if "assets" in str(path) else "model"
         return name, AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path), str(path)
     except (ImportError, OSError, AttributeError) as err:
@@ -60,9 +66,15 @@ def random_qwen2(vocab: int, hidden: int, layers: int, heads: int):
     return Qwen2ForCausalLM(config).eval()
 
 
-def make_prompts(tokenizer, vocab: int, num: int, seed: int = 0, length: int = 0) -> list[list[int]]:
+def make_prompts(tokenizer, vocab: int, num: int, seed: int = 0, length: int = 0, chat: bool = False) -> list[list[int]]:
     """Task prompts through the real tokenizer when there is one, else random ids of similar lengths (8-14);
-    `length` > 0: random ids of exactly that many tokens (long prompts, as in math RL)."""
+    `length` > 0: random ids of exactly that many tokens (long prompts, as in math RL); `chat`: the
+    addition_chat questions through the tokenizer's chat template (a chat model's RL prompts)."""
+    if chat:
+        from gvpo.data import encode_rows
+        from gvpo.tasks import make_dataset
+
+        return [r["prompt_ids"] for r in encode_rows(make_dataset("addition_chat", n=num, seed=seed), tokenizer, "chat")]
     if length:
         g = torch.Generator().manual_seed(seed)
         return torch.randint(3, vocab, (num, length), generator=g).tolist()
@@ -151,12 +163,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="max_new_tokens")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
-    parser.add_argument("--model", default=None, help="a local model folder instead of the default model")
+    parser.add_argument("--model", default=None,
+                        help="a local model folder, .gguf file or alias (smollm2-135m-instruct) instead of the default")
     parser.add_argument("--skip-25m", action="store_true")
     parser.add_argument("--prompt-len", type=int, default=0,
                         help="random prompts of this many tokens instead of the task's (~9 tokens)")
     parser.add_argument("--bf16", action="store_true",
                         help="also time both engines in bf16 (ours under autocast, HF generate on a bfloat16 model)")
+    parser.add_argument("--chat", action="store_true",
+                        help="prompts: addition_chat questions through the model's chat template (needs --model)")
     parser.add_argument("--natural-eos", action="store_true",
                         help="let completions end at EOS (the RL workload; engines then differ in token count)")
     args = parser.parse_args()
@@ -164,11 +179,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     name, model, tokenizer, note = load_default(args.model)
-    prompts = make_prompts(tokenizer, model.config.vocab_size, args.prompts, length=args.prompt_len)
+    if args.chat and (tokenizer is None or not getattr(tokenizer, "chat_template", None)):
+        parser.error("--chat needs --model with a chat template (e.g. the converted smollm2-135m-instruct folder)")
+    prompts = make_prompts(tokenizer, model.config.vocab_size, args.prompts, length=args.prompt_len, chat=args.chat)
     models = [(name, model, prompts, note)]
     if not args.skip_25m:
         big = random_qwen2(vocab=model.config.vocab_size, hidden=512, layers=6, heads=8)
-        prompts = make_prompts(tokenizer, big.config.vocab_size, args.prompts, length=args.prompt_len)
+        prompts = make_prompts(tokenizer, big.config.vocab_size, args.prompts, length=args.prompt_len, chat=args.chat)
         models.append(("25M", big, prompts, "random weights"))
 
     gflops_before = matmul_gflops()
