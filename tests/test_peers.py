@@ -362,6 +362,12 @@ def test_config_selects_oapl_only_anchored_at_the_behaviour_policy():
             load_config(None, ["algorithm=oapl", f"old_policy={mode}"])
     with pytest.raises(ValueError, match="beta1=1.0, beta2=0.0: OAPL needs both > 0"):
         oapl_loss(*tiny_batch(), beta1=1.0, beta2=0.0)
+    # Groups OAPL has no single sampler for: replayed responses (older policies) and demonstrations (none).
+    with pytest.raises(ValueError, match="num_historical=2: OAPL's value V is that of the one policy"):
+        load_config(None, ["algorithm=oapl", "num_historical=2"])
+    with pytest.raises(ValueError, match="demonstrations_per_group=1: OAPL anchors every response"):
+        load_config(None, ["algorithm=oapl", "demonstration_column=solution", "demonstrations_per_group=1"])
+    load_config(None, ["algorithm=gvpo", "num_historical=2"])  # GVPO takes mixed groups
 
 
 def test_oapl_with_a_lagged_sampler_trains_cleanly(tmp_path, tiny_model_dir):

@@ -69,9 +69,16 @@ class Config:
             _fail("simulated_policy_lag", self.training.simulated_policy_lag,
                   "a checkpoint does not hold the queue of generated batches; resume only with 0")
         d = self.data.demonstrations_per_group if self.data.demonstration_column else 0
+        if d and self.algorithm.algorithm == "oapl":
+            _fail("demonstrations_per_group", d, "OAPL anchors every response at the policy that sampled it, and a "
+                  "demonstration has none; use demonstrations with algorithm=gvpo (or demonstrations_per_group=0)")
         if d and self.algorithm.old_policy == "behaviour":
             _fail("old_policy", self.algorithm.old_policy, "demonstrations have no behaviour log-probs (no sampler); "
                   "use old_policy=previous (default) or initial with demonstration_column")
+        if self.replay.num_historical and self.algorithm.algorithm == "oapl":
+            _fail("num_historical", self.replay.num_historical, "OAPL's value V is that of the one policy that "
+                  "sampled the group; replayed responses come from older ones; use num_historical=0 with "
+                  "algorithm=oapl (or algorithm=gvpo, which takes mixed groups)")
         if self.replay.num_historical + d >= self.rollout.num_generations:
             _fail("demonstrations_per_group", d, f"num_historical + demonstrations_per_group must be < num_generations "
                   f"({self.rollout.num_generations}): each group needs a fresh response; lower one of them")
