@@ -12,6 +12,8 @@ same k, completion budget, temperature, seed and number of optimizer steps, one 
 - trl_grpo: the same with our constant learning rate (and warmup, grad clip) instead of TRL's schedule
 - trl_gvpo: gvpo.integrations.trl.GVPOTrainer (TRL's loop, the GVPO loss), our beta and learning rate
 - gvpo_train: `gvpo train` with algorithm=gvpo;  gvpo_train_grpo: `gvpo train` with algorithm=grpo
+- on request: trl_grpo_bf16 and gvpo_train_bf16, trl_grpo and gvpo_train with bf16 autocast (TRL: bf16=True,
+  its Trainer's autocast; gvpo: bf16=true, the training pass and generation), evaluated in bf16 too
 
 Measured per arm: seconds per optimizer step (mean after the first, which warms up), split into generation (sampling
 + scoring) and training (log-probs, backward, optimizer); peak resident memory (ru_maxrss of the arm's process);
@@ -35,6 +37,7 @@ from pathlib import Path
 
 # In this order: with --jobs 2 the pair that matters most (TRL at our settings, gvpo train) runs side by side first.
 ARMS = ("trl_grpo", "gvpo_train", "trl_gvpo", "gvpo_train_grpo", "trl_grpo_defaults")
+BF16_ARMS = ("trl_grpo_bf16", "gvpo_train_bf16")  # on request (--arms): the same two with bf16 autocast
 REFERENCES = ("trl_grpo_defaults", "trl_grpo")
 
 
@@ -43,7 +46,7 @@ def _config(a, seed: int, arm: str):
 
     overrides = {"max_steps": a.steps, "seed": seed, "output_dir": str(Path(a.workdir) / f"{arm}-s{seed}"),
                  "overwrite_output_dir": True, "save_steps": 0, "progress_bar": False,
-                 "algorithm": "grpo" if arm == "gvpo_train_grpo" else "gvpo"}
+                 "algorithm": "grpo" if arm == "gvpo_train_grpo" else "gvpo", "bf16": arm.endswith("_bf16")}
     if a.quick:  # the plumbing, not the numbers: few held-out prompts, evaluated after every step
         overrides.update(num_eval=8, eval_steps=1)
     return load_config(a.config, overrides)
@@ -93,7 +96,8 @@ def run_trl(config, arm: str) -> dict:
     eval_encoded = encode_rows(eval_rows, tokenizer, c.data.template)
     reward = resolve_reward(c.algorithm.reward_funcs[0])
     batch = r.prompts_per_step * r.num_generations  # one optimizer step = one generation batch, one micro-batch
-    common = dict(output_dir=c.logging.output_dir, use_cpu=True, bf16=False, report_to="none", seed=c.training.seed,
+    bf16 = arm.endswith("_bf16")
+    common = dict(output_dir=c.logging.output_dir, use_cpu=True, bf16=bf16, report_to="none", seed=c.training.seed,
                   num_generations=r.num_generations, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                   max_completion_length=r.max_completion_length, temperature=r.temperature,
                   max_steps=c.training.max_steps, logging_steps=1, save_strategy="no", dataloader_num_workers=0)
@@ -103,9 +107,9 @@ def run_trl(config, arm: str) -> dict:
     if arm == "trl_gvpo":
         trainer_cls, args = GVPOTrainer, GVPOConfig(beta=c.gvpo_beta(), **common, **ours)
     else:
-        trainer_cls, args = GRPOTrainer, GRPOConfig(**common, **(ours if arm == "trl_grpo" else {}))
+        trainer_cls, args = GRPOTrainer, GRPOConfig(**common, **({} if arm == "trl_grpo_defaults" else ours))
     trainer = trainer_cls(model=path, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer)
-    engine = make_engine("fast", trainer.model, tokenizer)
+    engine = make_engine("fast", trainer.model, tokenizer, bf16=bf16)  # evaluated as gvpo train evaluates
     record = {"steps": [], "evals": [], "elapsed": 0.0, "gen": 0.0}
 
     def evaluate(step):
@@ -194,7 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "smollm2_cpu.yaml"))
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per arm")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + BF16_ARMS)
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm (the GUIDE's figures: 1)")
     p.add_argument("--quick", action="store_true", help="8 held-out prompts, evaluated every step (plumbing only)")
     p.add_argument("--workdir", default="runs/real_model", help="run folders of the arms")
