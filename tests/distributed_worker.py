@@ -48,17 +48,24 @@ def run(model_dir: str, out: str, steps: int, replay: int, extra: list[str] = ()
 
 def record_group_at_exit(out) -> None:
     """At interpreter exit, after every atexit hook registered later (gvpo's among them: atexit runs them last
-    in, first out), write whether torch.distributed's default group was still alive to OUT/exit_rank<R>.json."""
+    in, first out), write whether torch.distributed's default group was still alive, and how many DDP models
+    still held it, to OUT/exit_rank<R>.json."""
     import atexit
     import json
     import os
     from pathlib import Path
 
     def record():
+        import gc
+
         import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
 
         alive = dist.is_available() and dist.is_initialized()
-        Path(out, f"exit_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"group_alive": alive}))
+        # A DDP model whose reducer survives keeps the group alive past destroy_process_group (gvpo.process_group)
+        holding = sum(isinstance(o, DistributedDataParallel) and "reducer" in vars(o) for o in gc.get_objects())
+        Path(out, f"exit_rank{os.environ.get('RANK', '0')}.json").write_text(
+            json.dumps({"group_alive": alive, "ddp_models_holding_the_group": holding}))
 
     atexit.register(record)
 
