@@ -3,6 +3,7 @@
     python benchmarks/real_model.py                       # 20 steps, seed 0, every arm (about 2 hours on 1 core)
     python benchmarks/real_model.py --steps 1 --quick     # a smoke run of the plumbing (minutes)
     python benchmarks/real_model.py --seeds 0 1 --arms gvpo_train trl_grpo --threads 2
+    python benchmarks/real_model.py --steps 3 --arms trl_grpo gvpo_train --set max_completion_length=128
 
 Model, task and batch come from --config (configs/smollm2_cpu.yaml: SmolLM2-135M-Instruct, addition_chat through
 its chat template, 8 prompts x k = 8, 16 new tokens). Every arm trains the same model on the same prompts with the
@@ -49,6 +50,7 @@ def _config(a, seed: int, arm: str):
                  "algorithm": "grpo" if arm == "gvpo_train_grpo" else "gvpo", "bf16": arm.endswith("_bf16")}
     if a.quick:  # the plumbing, not the numbers: few held-out prompts, evaluated after every step
         overrides.update(num_eval=8, eval_steps=1)
+    overrides.update(item.split("=", 1) for item in a.set)  # e.g. max_completion_length=128, for every arm
     return load_config(a.config, overrides)
 
 
@@ -72,7 +74,6 @@ def run_gvpo_train(config) -> dict:
 def run_trl(config, arm: str) -> dict:
     """TRL's loop on the rows, rewards and tokenizer `gvpo train` would use; greedy evaluation by gvpo's evaluator
     every eval_steps optimizer steps, outside the timed part of each step."""
-    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -200,6 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + BF16_ARMS)
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm (the GUIDE's figures: 1)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every arm, e.g. --set max_completion_length=128")
     p.add_argument("--quick", action="store_true", help="8 held-out prompts, evaluated every step (plumbing only)")
     p.add_argument("--workdir", default="runs/real_model", help="run folders of the arms")
     p.add_argument("--jobs", type=int, default=1, help="arms run at once (each with --threads threads)")
@@ -223,7 +226,8 @@ def main(argv=None) -> int:
                 continue
             jobs.append(([sys.executable, __file__, "--arm", arm, "--seed", str(seed), "--result", str(out),
                           "--config", a.config, "--steps", str(a.steps), "--threads", str(a.threads),
-                          "--workdir", a.workdir, *(["--quick"] if a.quick else [])], f"{arm} seed {seed}"))
+                          "--workdir", a.workdir, *(["--quick"] if a.quick else []), "--set", *a.set],
+                         f"{arm} seed {seed}"))
     running = []
     while jobs or running:  # at most --jobs arms at once, each in its own process with --threads threads
         while jobs and len(running) < a.jobs:
@@ -244,7 +248,7 @@ def main(argv=None) -> int:
     shown = {n: statistics.mean(t[n] for t in targets_by_seed.values() if n in t) for n in names}
     print(table(rows, shown))
     path = Path(a.out or Path(a.workdir) / "results.json")
-    path.write_text(json.dumps({"config": a.config, "steps": a.steps, "seeds": a.seeds, "threads": a.threads,
+    path.write_text(json.dumps({"config": a.config, "set": a.set, "steps": a.steps, "seeds": a.seeds, "threads": a.threads,
                                 "rows": rows, "runs": results}, indent=1))
     print(f"results: {path}")
     return 0 if len(results) == len(a.seeds) * len(a.arms) else 1
