@@ -194,6 +194,25 @@ def table(rows: list[dict], targets: dict) -> str:
     return "\n".join(lines)
 
 
+def across_seeds(rows: list[dict], names: list[str]) -> str:
+    """One line per arm over its seeds: accuracy after (mean, min-max), the mean seconds per step, and for each
+    reference how many seeds reached that seed's reference final accuracy, with the median seconds it took."""
+    head = ["arm", "seeds", "acc before", "acc after: mean (min-max)", "s/step (mean)",
+            *[f"reached {n} final: seeds, median s" for n in names]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == arm]
+        after = [r["acc_after"] for r in mine]
+        cells = [arm, str(len(mine)), f"{statistics.mean(r['acc_before'] for r in mine):.3f}",
+                 f"{statistics.mean(after):.3f} ({min(after):.2f}-{max(after):.2f})",
+                 f"{statistics.mean(r['step_s'] for r in mine):.1f}"]
+        for n in names:
+            hits = [r[f"t_to_{n}"] for r in mine if r.get(f"t_to_{n}") is not None]
+            cells.append(f"{len(hits)} of {len(mine)}" + (f", {statistics.median(hits):.0f}" if hits else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "smollm2_cpu.yaml"))
@@ -247,9 +266,11 @@ def main(argv=None) -> int:
     rows = [summarise(r, targets_by_seed[r["seed"]]) for r in results]
     shown = {n: statistics.mean(t[n] for t in targets_by_seed.values() if n in t) for n in names}
     print(table(rows, shown))
+    if len(a.seeds) > 1:
+        print(across_seeds(rows, names))
     path = Path(a.out or Path(a.workdir) / "results.json")
-    path.write_text(json.dumps({"config": a.config, "set": a.set, "steps": a.steps, "seeds": a.seeds, "threads": a.threads,
-                                "rows": rows, "runs": results}, indent=1))
+    path.write_text(json.dumps({"config": a.config, "set": a.set, "steps": a.steps, "seeds": a.seeds,
+                                "threads": a.threads, "rows": rows, "runs": results}, indent=1))
     print(f"results: {path}")
     return 0 if len(results) == len(a.seeds) * len(a.arms) else 1
 
