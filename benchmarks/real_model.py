@@ -97,7 +97,7 @@ def run_trl(config, arm: str) -> dict:
     eval_encoded = encode_rows(eval_rows, tokenizer, c.data.template)
     reward = resolve_reward(c.algorithm.reward_funcs[0])
     batch = r.prompts_per_step * r.num_generations  # one optimizer step = one generation batch, one micro-batch
-    bf16 = arm.endswith("_bf16")
+    bf16 = c.training.bf16  # the bf16 arms (_config)
     common = dict(output_dir=c.logging.output_dir, use_cpu=True, bf16=bf16, report_to="none", seed=c.training.seed,
                   num_generations=r.num_generations, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                   max_completion_length=r.max_completion_length, temperature=r.temperature,
@@ -182,16 +182,17 @@ def summarise(result: dict, targets: dict) -> dict:
     return row
 
 
+def markdown(head: list[str], body: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [head, ["---"] * len(head), *body])
+
+
 def table(rows: list[dict], targets: dict) -> str:
     head = ["arm", "seed", "s/step (gen / train)", "clipped", "peak RSS GB", "acc before -> after",
             *[f"s to {name} final ({v:.3f})" for name, v in targets.items()]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["arm"], str(r["seed"]), f"{r['step_s']:.1f} ({r['gen_s']:.1f} / {r['train_s']:.1f})",
-                 f"{r['clipped']:.2f}", f"{r['peak_gb']:.2f}", f"{r['acc_before']:.3f} -> {r['acc_after']:.3f}",
-                 *["-" if r.get(f"t_to_{n}") is None else f"{r[f't_to_{n}']:.0f}" for n in targets]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown(head, [
+        [r["arm"], str(r["seed"]), f"{r['step_s']:.1f} ({r['gen_s']:.1f} / {r['train_s']:.1f})",
+         f"{r['clipped']:.2f}", f"{r['peak_gb']:.2f}", f"{r['acc_before']:.3f} -> {r['acc_after']:.3f}",
+         *["-" if r.get(f"t_to_{n}") is None else f"{r[f't_to_{n}']:.0f}" for n in targets]] for r in rows])
 
 
 def across_seeds(rows: list[dict], names: list[str]) -> str:
@@ -199,7 +200,7 @@ def across_seeds(rows: list[dict], names: list[str]) -> str:
     reference how many seeds reached that seed's reference final accuracy, with the median seconds it took."""
     head = ["arm", "seeds", "acc before", "acc after: mean (min-max)", "s/step (mean)",
             *[f"reached {n} final: seeds, median s" for n in names]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == arm]
         after = [r["acc_after"] for r in mine]
@@ -209,8 +210,8 @@ def across_seeds(rows: list[dict], names: list[str]) -> str:
         for n in names:
             hits = [r[f"t_to_{n}"] for r in mine if r.get(f"t_to_{n}") is not None]
             cells.append(f"{len(hits)} of {len(mine)}" + (f", {statistics.median(hits):.0f}" if hits else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown(head, body)
 
 
 def main(argv=None) -> int:

@@ -196,7 +196,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
         reward_funcs=funcs, reward_weights=list(cfg_a.reward_weights) or [1.0] * len(funcs),
         train_rows=train_rows, eval_rows=eval_rows)
     if cfg_a.algorithm == "gvpo" and cfg_a.beta is None and config.stale_groups():
-        accelerator.print(f"beta=auto: {config.gvpo_beta()} on stale groups (fresh: {FRESH_BETA}; docs/staleness.md)")
+        accelerator.print(f"beta=auto: {run.loss_config.beta} on stale groups (fresh: {FRESH_BETA}; docs/staleness.md)")
     run.start_step = _resume(run) if config.checkpoint.resume else 0
     run.source = make_source(run, run.start_step)
     return run
