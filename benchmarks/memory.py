@@ -52,12 +52,14 @@ def build_model(setting, device):
 def one_step(setting, prompts, k, tokens, device):
     import torch
 
+    from gvpo.activation_budget import ActivationBudget
     from gvpo.losses import gvpo_loss
     from gvpo.modeling import token_logps
 
     model = build_model(setting, device)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    train_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     N, P = prompts * k, 32
     g = torch.Generator().manual_seed(0)
@@ -73,7 +75,9 @@ def one_step(setting, prompts, k, tokens, device):
         before = torch.cuda.memory_allocated()
     else:
         before = _rss_now()
-    logps = token_logps(model, ids, attn, pos, tokens)
+    counted = ActivationBudget(model, limit=2**62)  # what gvpo.activation_budget counts of this pass
+    with counted.watch():
+        logps = token_logps(model, ids, attn, pos, tokens)
     loss, _ = gvpo_loss(logps, logps.detach(), mask, rewards, groups)
     loss.backward()
     opt.step()
@@ -84,7 +88,9 @@ def one_step(setting, prompts, k, tokens, device):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"setting": setting, "params": n_params, "trainable": n_train, "peak_mb": peak / 2**20,
-            "step_increase_mb": (peak - before) / 2**20}
+            "step_increase_mb": (peak - before) / 2**20, "counted_activations_mb": counted.last / 2**20,
+            # the increase over what the budget reserves for: counted activations + gradients and AdamW moments
+            "increase_over_accounted": (peak - before) / (counted.last + 3 * train_bytes)}
 
 
 VOCAB, LOGPS_ROWS = 151_936, 4
@@ -248,9 +254,11 @@ def main():
     what = "max_memory_allocated" if device == "cuda" else "peak RSS"
     print(f"# one GVPO step, {a.prompts} prompts x k={a.k}, 32 prompt + {a.tokens} completion tokens, "
           f"AdamW, device {device} ({what})")
-    print(f"{'setting':<12}{'params':>12}{'trainable':>12}{'peak MB':>10}{'step +MB':>10}")
+    print(f"{'setting':<12}{'params':>12}{'trainable':>12}{'peak MB':>10}{'step +MB':>10}{'counted MB':>11}"
+          f"{'+MB / (counted + 3x trainable)':>32}")
     for r in rows:
-        print(f"{r['setting']:<12}{r['params']:>12,}{r['trainable']:>12,}{r['peak_mb']:>10.0f}{r['step_increase_mb']:>10.0f}")
+        print(f"{r['setting']:<12}{r['params']:>12,}{r['trainable']:>12,}{r['peak_mb']:>10.0f}"
+              f"{r['step_increase_mb']:>10.0f}{r['counted_activations_mb']:>11.0f}{r['increase_over_accounted']:>32.2f}")
     print(json.dumps({r["setting"]: round(r["peak_mb"], 1) for r in rows}))
 
 

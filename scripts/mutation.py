@@ -102,6 +102,13 @@ FAULTS = [
           "        _release_ddp_models()\n", "",
           ("tests/test_distributed.py::test_two_processes_equal_one[fresh]",
            "tests/test_trl_demonstrations.py::test_two_processes_put_the_same_demonstrations_in_the_same_groups_as_one")),
+    Fault("activation-budget-not-watched", "the training pass is not counted: on a CPU a pass too big for memory "
+          "runs until the kernel kills the process", "update.py", "with accelerator.autocast(), budget.watch():",
+          "with accelerator.autocast():",
+          ("tests/test_activation_budget.py::test_a_pass_over_the_budget_is_halved_until_it_fits_and_equals_that_run",)),
+    Fault("activation-budget-counts-weights", "the weights autograd keeps are counted as activations",
+          "activation_budget.py", "if ptr not in weights and ptr not in seen:", "if ptr not in seen:",
+          ("tests/test_activation_budget.py::test_the_count_is_each_saved_storage_once_without_the_weights",)),
     Fault("behaviour-logps-truncated", "behaviour log-probs of the top-k/top-p distribution, training's not",
           "rollout/base.py", "    if is_truncated(params):\n        logps = policy_logps(logits, params)\n", "",
           ("tests/test_rollout.py::test_behavior_logps_equal_the_trainers_teacher_forced_logps",)),

@@ -278,8 +278,14 @@ class TrainingConfig:
     # Stop early after this many seconds of training (0 = no limit); the final evaluation still runs.
     max_time_seconds: float = 0.0
     seed: int = 0
-    # Prompts (whole groups) per forward/backward pass; 0 = a whole mini-batch at once.
+    # Prompts (whole groups) per forward/backward pass; 0 = a whole mini-batch at once. Either way a pass that would
+    # run out of memory is redone with half as many (gvpo.update), and the smaller size kept.
     micro_batch_prompts: int = 0
+    # The most activation memory (GB) one training pass may keep for its backward, per process; past it the
+    # micro-batch is halved before memory runs short (gvpo.activation_budget). 0 = on a CPU, where running out kills
+    # the process, 60% of the memory free at the first pass less room for gradients and AdamW; on a GPU, none
+    # (its out-of-memory error is caught instead).
+    activation_memory_gb: float = 0.0
     # bf16 autocast for the training forward pass and for generation (the rollout engine; vLLM keeps its own
     # dtype), where the device supports it.
     bf16: bool = False
@@ -292,8 +298,9 @@ class TrainingConfig:
 
     def __post_init__(self):
         _at_least("max_steps", self.max_steps, 1)
-        if self.micro_batch_prompts < 0 or self.max_time_seconds < 0:
-            _fail("micro_batch_prompts/max_time_seconds", (self.micro_batch_prompts, self.max_time_seconds), ">= 0")
+        if self.micro_batch_prompts < 0 or self.max_time_seconds < 0 or self.activation_memory_gb < 0:
+            _fail("micro_batch_prompts/max_time_seconds/activation_memory_gb",
+                  (self.micro_batch_prompts, self.max_time_seconds, self.activation_memory_gb), ">= 0")
         _at_least("simulated_policy_lag", self.simulated_policy_lag, 0, "0 = synchronous")
 
 

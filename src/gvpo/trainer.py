@@ -61,6 +61,7 @@ class Run:
     totals: dict = field(default_factory=lambda: {"skipped_updates": 0, "train_seconds": 0.0, "wall_seconds": 0.0})
     source: object = None  # where each step's finished groups come from (gvpo/sources.py), built last
     start_step: int = 0  # the checkpoint's step when resumed
+    activation_budget: object = None  # gvpo.activation_budget.ActivationBudget, fixed at the first training pass
 
     @property
     def lag(self):

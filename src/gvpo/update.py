@@ -9,6 +9,7 @@ import warnings
 
 import torch
 
+from gvpo.activation_budget import ActivationBudget, ActivationBudgetExceeded, budget_bytes
 from gvpo.batch import Batch, group_rows, split_groups
 from gvpo.config import RATIO_LOSSES
 from gvpo.modeling import token_logps
@@ -73,6 +74,7 @@ def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, r
     config, accelerator, model = run.config, run.accelerator, run.model
     cfg_a, temperature = run.loss_config, config.rollout.temperature
     micros = split_groups(mini, _num_micro(mini, _micro_prompts(run))) if mini is not None else [None]
+    budget = _activation_budget(run)
     stats: dict[str, list] = {}
     kl_sums = torch.zeros(2)
     for j, micro in enumerate(micros):
@@ -80,9 +82,11 @@ def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, r
             if micro is None:  # this rank has no scorable group: join the gradient all-reduce with 0
                 accelerator.backward(_zero_loss(model, batch))  # noqa: B012
                 continue
-            with accelerator.autocast():
+            with accelerator.autocast(), budget.watch():
                 logps = token_logps(model, micro.input_ids, micro.attention_mask, micro.position_ids,
                                     micro.completion_mask.shape[1], temperature)
+            if budget.limit:
+                stats.setdefault("activation_gb", []).append(budget.last / 2**30)
             old = logps.detach() if reuse_detached else micro.old_logps
             if cfg_a.algorithm in RATIO_LOSSES:
                 old = ratio_denominator(old, micro, cfg_a.off_policy_correction)
@@ -102,20 +106,33 @@ def _micro_prompts(run) -> int:
     return run.totals.get("micro_batch_prompts", run.config.training.micro_batch_prompts)
 
 
+def _activation_budget(run) -> ActivationBudget:
+    """The training pass's activation budget, fixed at the run's first pass (gvpo.activation_budget): the
+    configured one, or on a CPU a share of the memory free then; no budget on a GPU unless configured."""
+    if getattr(run, "activation_budget", None) is None:
+        limit_gb = run.config.training.activation_memory_gb
+        cpu = run.accelerator.device.type == "cpu"
+        run.activation_budget = ActivationBudget(run.model, budget_bytes(run.model, limit_gb)
+                                                 if limit_gb > 0 or cpu else 0)
+    return run.activation_budget
+
+
 def _shrink_micro_batches(run, mini: Batch | None, error: RuntimeError) -> None:
     """After an out-of-memory error in the training pass: drop the mini-batch's partial gradient and halve the
     micro-batch, for this and every later step (kept in ``run.totals``, so a resumed run starts there). Re-raises
     anything else, and where halving cannot help (one prompt per micro-batch already) or is unsafe (several
     processes: the others would wait in a gradient all-reduce this one no longer reaches in step)."""
     text = str(error)
-    oom = isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+    oom = isinstance(error, (torch.OutOfMemoryError, ActivationBudgetExceeded)) or "can't allocate memory" in text \
+        or "out of memory" in text
     groups = len(mini.group_ids.unique()) if mini is not None else 0
     now = _micro_prompts(run) or groups
     if not oom or now <= 1 or run.accelerator.num_processes > 1:
         if oom:
             raise RuntimeError(f"out of memory in the training pass with micro_batch_prompts={now} on "
                                f"{run.accelerator.num_processes} process(es); set training.micro_batch_prompts="
-                               f"{max(1, now // 2)} (or fewer prompts_per_step / max_completion_length)") from error
+                               f"{max(1, now // 2)}, or model.gradient_checkpointing=true, or fewer "
+                               f"prompts_per_step / a smaller max_completion_length") from error
         raise error
     run.optimizer.zero_grad(set_to_none=True)
     if torch.cuda.is_available():
