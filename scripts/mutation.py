@@ -109,6 +109,15 @@ FAULTS = [
     Fault("activation-budget-counts-weights", "the weights autograd keeps are counted as activations",
           "activation_budget.py", "if ptr not in weights and ptr not in seen:", "if ptr not in seen:",
           ("tests/test_activation_budget.py::test_the_count_is_each_saved_storage_once_without_the_weights",)),
+    Fault("zero-std-skipped-after-gvpo-moves", "GVPO skips equal-reward groups after the step's first update too, "
+          "where R_theta != 0 gives them weight", "update.py", 'return cfg.algorithm == "gvpo" and reuse_detached',
+          'return cfg.algorithm == "gvpo"',
+          ("tests/test_zero_std_groups.py::test_gvpo_computes_them_once_the_weights_move_within_the_step",)),
+    Fault("zero-std-groups-leave-the-normalisation", "skipped equal-reward groups are dropped before the counts, so "
+          "the loss divides by fewer groups", "update.py", "            totals_mb = _global_counts(mini, accelerator)",
+          "            totals_mb = _global_counts(mini if mini is None or not _zero_std_groups_are_inert(run, "
+          "reuse_detached) else mini.select(~mini.zero_std_rows()), accelerator)",
+          ("tests/test_zero_std_groups.py::test_skipping_equal_reward_groups_gives_the_same_run",)),
     Fault("behaviour-logps-truncated", "behaviour log-probs of the top-k/top-p distribution, training's not",
           "rollout/base.py", "    if is_truncated(params):\n        logps = policy_logps(logits, params)\n", "",
           ("tests/test_rollout.py::test_behavior_logps_equal_the_trainers_teacher_forced_logps",)),

@@ -281,6 +281,10 @@ class TrainingConfig:
     # Prompts (whole groups) per forward/backward pass; 0 = a whole mini-batch at once. Either way a pass that would
     # run out of memory is redone with half as many (gvpo.update), and the smaller size kept.
     micro_batch_prompts: int = 0
+    # Skip the training pass of groups whose rewards are all equal where their gradient is exactly zero: GRPO /
+    # Dr. GRPO without a KL term (zero advantages), GVPO on a step's single update against the start-of-step weights
+    # (R_theta = 0, so zero weights). The loss's normalisation still counts them; false = compute them anyway.
+    skip_zero_std_groups: bool = True
     # The most activation memory (GB) one training pass may keep for its backward, per process; past it the
     # micro-batch is halved before memory runs short (gvpo.activation_budget). 0 = on a CPU, where running out kills
     # the process, 60% of the memory free at the first pass less room for gradients and AdamW; on a GPU, none

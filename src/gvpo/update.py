@@ -73,9 +73,11 @@ def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, r
     across ranks on the last one). Returns (the micro-batches' metrics, this mini-batch's behaviour-KL sums)."""
     config, accelerator, model = run.config, run.accelerator, run.model
     cfg_a, temperature = run.loss_config, config.rollout.temperature
+    stats: dict[str, list] = {}
+    if mini is not None and _zero_std_groups_are_inert(run, reuse_detached):
+        mini = _drop_zero_std_groups(mini, stats)  # totals_mb still counts them: the normalisation is unchanged
     micros = split_groups(mini, _num_micro(mini, _micro_prompts(run))) if mini is not None else [None]
     budget = _activation_budget(run)
-    stats: dict[str, list] = {}
     kl_sums = torch.zeros(2)
     for j, micro in enumerate(micros):
         with _accumulate(accelerator, model, sync=j == len(micros) - 1):
@@ -97,13 +99,42 @@ def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, r
                                          is_demonstration=micro.is_demonstration), cfg_a)
             accelerator.backward(loss)
         for k, v in m.items():
-            stats.setdefault(k, []).append(float(v))
+            if k not in stats or k not in _WHOLE_MINI_BATCH:
+                stats.setdefault(k, []).append(float(v))
     return stats, kl_sums
 
 
 def _micro_prompts(run) -> int:
     """Prompts per micro-batch: the config's, or what an out-of-memory error left (0 = a whole mini-batch)."""
     return run.totals.get("micro_batch_prompts", run.config.training.micro_batch_prompts)
+
+
+_WHOLE_MINI_BATCH = ("frac_equal_reward_groups",)  # set by _drop_zero_std_groups: the micro-batches no longer see it
+
+
+def _drop_zero_std_groups(mini: Batch, stats: dict) -> Batch | None:
+    """The mini-batch without its groups of equal rewards (None if nothing is left); their share recorded."""
+    flat = mini.zero_std_rows()
+    ids, counts = torch.unique(mini.group_ids, return_counts=True)
+    grouped = ids[counts >= 2]
+    flat_groups = torch.isin(grouped, mini.group_ids[flat])
+    stats["frac_equal_reward_groups"] = [float(flat_groups.float().mean()) if len(grouped) else 0.0]
+    stats["zero_std_groups_skipped"] = [float(flat_groups.sum())]
+    return mini.select(~flat) if not bool(flat.all()) else None
+
+
+def _zero_std_groups_are_inert(run, reuse_detached: bool) -> bool:
+    """Whether a group with one reward for all its responses has exactly zero gradient, so its pass can be skipped
+    (training.skip_zero_std_groups). GRPO / Dr. GRPO without KL: its advantages are 0 on every update. GVPO: its
+    weights w_i = (R_i - R_mean) - (R_theta,i - R_theta_mean) are 0 only while R_theta = 0, i.e. when pi_theta' is
+    exactly the weights being updated (one update per batch, old_policy=previous). A*-PO and OAPL regress on rewards
+    that are not centred per group: never inert."""
+    cfg = run.loss_config
+    if not run.config.training.skip_zero_std_groups:
+        return False
+    if cfg.algorithm in RATIO_LOSSES:
+        return cfg.kl_coef == 0
+    return cfg.algorithm == "gvpo" and reuse_detached
 
 
 def _activation_budget(run) -> ActivationBudget:

@@ -1,0 +1,84 @@
+"""Groups whose rewards are all equal: where their gradient is exactly zero their training pass is skipped
+(training.skip_zero_std_groups), and the run is the one that computed them, to float rounding."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gvpo.update
+from gvpo.batch import Batch
+from gvpo.trainer import train
+from test_trainer import ROWS, config_for
+
+STEPS = 2
+
+
+def half_flat(prompts, completions, **kwargs):
+    """Every response to an even first addend gets 1 (a group of equal rewards); others their length (spread)."""
+    return [1.0 if int(p.split("+")[0]) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
+
+
+def _counting(monkeypatch):
+    rows, real = [], gvpo.update.token_logps
+
+    def counted(model, input_ids, *args, **kwargs):
+        if torch.is_grad_enabled():
+            rows.append(input_ids.shape[0])
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(gvpo.update, "token_logps", counted)
+    return rows
+
+
+def _run(tmp_path, model_dir, name, **overrides):
+    config = config_for(tmp_path, model_dir, name, max_steps=STEPS, prompts_per_step=8, num_generations=4,
+                        save_steps=STEPS, **overrides)
+    train(config, reward_funcs=[half_flat], train_rows=ROWS, eval_rows=ROWS[:4])
+    log = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    weights = load_file(str(tmp_path / name / "checkpoints" / f"step-{STEPS:06d}" / "model.safetensors"))
+    return weights, [r for r in log if "loss" in r]
+
+
+def _same(a, b):
+    """Equal to 1e-5 after two AdamW steps at lr 1e-2 (a wrong gradient moves weights by ~lr): the micro-batches'
+    shapes differ, so do float sums, and Adam scales even a rounding-only gradient (k_proj's bias, whose exact
+    gradient is 0 under softmax's shift invariance) up to ~1e-6."""
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("algorithm", ["gvpo", "grpo", "dr_grpo"])
+def test_skipping_equal_reward_groups_gives_the_same_run(tmp_path, tiny_model_dir, monkeypatch, algorithm):
+    rows = _counting(monkeypatch)
+    full, full_log = _run(tmp_path, tiny_model_dir, "full", algorithm=algorithm, skip_zero_std_groups=False)
+    computed = sum(rows)
+    rows.clear()
+    skipped, log = _run(tmp_path, tiny_model_dir, "skip", algorithm=algorithm, micro_batch_prompts=2)
+    assert sum(rows) < computed, "no group was skipped"  # the rows are only those of groups with spread
+    assert all(r["frac_equal_reward_groups"] == f["frac_equal_reward_groups"] > 0 for r, f in zip(log, full_log))
+    assert sum(r["zero_std_groups_skipped"] for r in log) * 4 == computed - sum(rows)
+    # the gradient itself (before clipping), which AdamW's scale invariance would hide: same normalisation
+    assert [r["grad_norm"] for r in log] == pytest.approx([r["grad_norm"] for r in full_log], rel=1e-5)
+    _same(full, skipped)
+
+
+def test_gvpo_computes_them_once_the_weights_move_within_the_step(tmp_path, tiny_model_dir, monkeypatch):
+    """After a step's first update R_theta is no longer 0: an equal-reward group's weights are -(R_theta,i - mean),
+    not zero, and it must be trained on."""
+    rows = _counting(monkeypatch)
+    full, _ = _run(tmp_path, tiny_model_dir, "full", algorithm="gvpo", num_mini_batches=2, skip_zero_std_groups=False)
+    rows.clear()
+    got, _ = _run(tmp_path, tiny_model_dir, "two", algorithm="gvpo", num_mini_batches=2)
+    assert sum(rows) == STEPS * 8 * 4
+    for name in full:
+        assert torch.equal(got[name], full[name]), name
+
+
+def test_zero_std_rows_marks_whole_groups_and_singletons():
+    batch = Batch(input_ids=torch.zeros(6, 2, dtype=torch.long), attention_mask=torch.ones(6, 2),
+                  position_ids=torch.zeros(6, 2, dtype=torch.long), completion_mask=torch.ones(6, 1),
+                  rewards=torch.tensor([1.0, 1.0, 0.5, 0.0, 0.0, 3.0]), group_ids=torch.tensor([7, 7, 2, 2, 9, 4]),
+                  behavior_logps=torch.zeros(6, 1))
+    assert batch.zero_std_rows().tolist() == [True, True, False, False, True, True]
