@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import gvpo.update
 from gvpo.activation_budget import ActivationBudget, ActivationBudgetExceeded, budget_bytes
 from gvpo.trainer import train
-from test_micro_batch_oom import K, PROMPTS, STEPS, lengths
+from test_micro_batch_oom import ALL_GROUPS, K, PROMPTS, STEPS, lengths
 from test_trainer import ROWS, config_for
 
 
@@ -73,7 +73,7 @@ def _passes(monkeypatch):
 
 def _run(tmp_path, model_dir, name, **overrides):
     config = config_for(tmp_path, model_dir, name, max_steps=STEPS, prompts_per_step=PROMPTS, num_generations=K,
-                        save_steps=STEPS, **overrides)
+                        save_steps=STEPS, **ALL_GROUPS, **overrides)
     train(config, reward_funcs=[lengths], train_rows=ROWS, eval_rows=ROWS[:4])
     return load_file(str(tmp_path / name / "checkpoints" / f"step-{STEPS:06d}" / "model.safetensors"))
 

@@ -15,8 +15,9 @@ from test_trainer import ROWS, config_for, sevens
 
 
 def _run(tmp_path, model_dir, **overrides):
-    # Several set-ups may share one folder in a test: each replaces the last (no run is trained to the end).
-    cfg = config_for(tmp_path, model_dir, overwrite_output_dir=True, **overrides)
+    # Several set-ups may share one folder in a test: each replaces the last (no run is trained to the end). The
+    # tests read what the loss receives row by row: every group is computed, even one whose rewards are equal.
+    cfg = config_for(tmp_path, model_dir, overwrite_output_dir=True, **{"skip_zero_std_groups": False, **overrides})
     return setup(cfg, reward_funcs=[sevens], train_rows=ROWS, eval_rows=ROWS[:8])
 
 

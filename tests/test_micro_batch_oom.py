@@ -11,6 +11,8 @@ from gvpo.scoring import RewardError
 from test_trainer import ROWS, CrashAfter, config_for
 
 K, PROMPTS, STEPS = 4, 8, 2
+# These tests count the training pass's calls and rows: every group is computed, even one whose rewards are equal.
+ALL_GROUPS = {"skip_zero_std_groups": False}
 
 
 def lengths(prompts, completions, **kwargs):
@@ -41,7 +43,7 @@ def _fits(max_rows: int, error, from_call: int = 1):
 
 def _run(tmp_path, model_dir, name, **overrides):
     config = config_for(tmp_path, model_dir, name, max_steps=STEPS, prompts_per_step=PROMPTS, num_generations=K,
-                        save_steps=STEPS, **overrides)
+                        save_steps=STEPS, **ALL_GROUPS, **overrides)
     summary = train(config, reward_funcs=[lengths], train_rows=ROWS, eval_rows=ROWS[:4])
     return summary, load_file(str(tmp_path / name / "checkpoints" / f"step-{STEPS:06d}" / "model.safetensors"))
 
@@ -66,7 +68,7 @@ def test_a_redone_mini_batch_drops_the_gradient_of_the_micro_batches_that_fitted
     not: the redo starts from a zero gradient, so the run is step 1 at 4 prompts per micro-batch, then step 2 at 2
     (that run made by a crash after step 1 and a resume with micro_batch_prompts=2)."""
     base = config_for(tmp_path, tiny_model_dir, "expected", max_steps=STEPS, prompts_per_step=PROMPTS,
-                      num_generations=K, save_steps=1, micro_batch_prompts=4)
+                      num_generations=K, save_steps=1, micro_batch_prompts=4, **ALL_GROUPS)
     with pytest.raises(RewardError):  # calls: initial evaluation, step 1, then step 2 raises
         train(base, reward_funcs=[CrashAt(3)], train_rows=ROWS, eval_rows=ROWS[:4])
     train(base.replace(**{"checkpoint.resume": True, "micro_batch_prompts": 2}), reward_funcs=[lengths],

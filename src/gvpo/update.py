@@ -109,7 +109,8 @@ def _micro_prompts(run) -> int:
     return run.totals.get("micro_batch_prompts", run.config.training.micro_batch_prompts)
 
 
-_WHOLE_MINI_BATCH = ("frac_equal_reward_groups",)  # set by _drop_zero_std_groups: the micro-batches no longer see it
+# Counts set by _drop_zero_std_groups over the whole mini-batch, which the micro-batches no longer see.
+_WHOLE_MINI_BATCH = ("frac_equal_reward_groups", "groups_used", "groups_skipped")
 
 
 def _drop_zero_std_groups(mini: Batch, stats: dict) -> Batch | None:
@@ -119,6 +120,7 @@ def _drop_zero_std_groups(mini: Batch, stats: dict) -> Batch | None:
     grouped = ids[counts >= 2]
     flat_groups = torch.isin(grouped, mini.group_ids[flat])
     stats["frac_equal_reward_groups"] = [float(flat_groups.float().mean()) if len(grouped) else 0.0]
+    stats["groups_used"], stats["groups_skipped"] = [float(len(grouped))], [float(len(ids) - len(grouped))]
     stats["zero_std_groups_skipped"] = [float(flat_groups.sum())]
     return mini.select(~flat) if not bool(flat.all()) else None
 
