@@ -122,7 +122,10 @@ def _drop_zero_std_groups(mini: Batch, stats: dict) -> Batch | None:
     stats["frac_equal_reward_groups"] = [float(flat_groups.float().mean()) if len(grouped) else 0.0]
     stats["groups_used"], stats["groups_skipped"] = [float(len(grouped))], [float(len(ids) - len(grouped))]
     stats["zero_std_groups_skipped"] = [float(flat_groups.sum())]
-    return mini.select(~flat) if not bool(flat.all()) else None
+    if bool(flat.all()):
+        stats["loss"] = [0.0]  # what the pass would have given: every group's term is 0 at R_theta = 0 / zero advantage
+        return None
+    return mini.select(~flat)
 
 
 def _zero_std_groups_are_inert(run, reuse_detached: bool) -> bool:
