@@ -118,6 +118,9 @@ FAULTS = [
           "            totals_mb = _global_counts(mini if mini is None or not _zero_std_groups_are_inert(run, "
           "reuse_detached) else mini.select(~mini.zero_std_rows()), accelerator)",
           ("tests/test_zero_std_groups.py::test_skipping_equal_reward_groups_gives_the_same_run",)),
+    Fault("length-bucket-cut-short", "each length bucket is cut to its shortest row: the longer rows lose tokens",
+          "shared_prompt.py", "int(lengths.index_select(0, bucket).max())", "int(lengths.index_select(0, bucket).min())",
+          ("tests/test_shared_prompt.py::test_completions_run_in_length_buckets_cut_to_their_longest_row",)),
     Fault("behaviour-logps-truncated", "behaviour log-probs of the top-k/top-p distribution, training's not",
           "rollout/base.py", "    if is_truncated(params):\n        logps = policy_logps(logits, params)\n", "",
           ("tests/test_rollout.py::test_behavior_logps_equal_the_trainers_teacher_forced_logps",)),

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from test_fused_logps import assert_grads_close, grads_of, sevens, tiny_config
 
 from gvpo.modeling import build_sequences, load_model_and_tokenizer, token_logps
-from gvpo.shared_prompt import SHARED_MODEL_TYPES, prompt_groups, shared_enabled
+from gvpo.shared_prompt import SHARED_MODEL_TYPES, length_buckets, prompt_groups, shared_enabled
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 
@@ -67,16 +67,23 @@ def embedded_shapes(model):
 
 
 def shared_vs_plain(model, ids, attn, pos, T, upstream, temperature=1.0, fused=True):
+    """(shared, plain) as (log-probs on completion tokens, 0 on padding; parameter gradients)."""
     params = [p for p in model.parameters() if p.requires_grad]
     out = {}
     with embedded_shapes(model) as shapes:
         for shared in (False, True):
-            out[shared] = grads_of(lambda: token_logps(model, ids, attn, pos, T, temperature, fused=fused,
-                                                       shared=shared), params, upstream)
+            logps, grads = grads_of(lambda: token_logps(model, ids, attn, pos, T, temperature, fused=fused,
+                                                        shared=shared), params, upstream)
+            out[shared] = logps * attn[:, -T:], grads
+    assert shapes == expected_shapes(ids, attn, pos, T), "the shared pass ran (and the plain one did not share)"
+    return out[True], out[False]
+
+
+def expected_shapes(ids, attn, pos, T):
+    """The plain pass (N, P + T), then the shared one: the prompts (U, P), each length bucket's completions."""
     N, P = ids.shape[0], ids.shape[1] - T
     U = prompt_groups(ids, attn, pos, P)[0].shape[0]
-    assert shapes == [(N, P + T), (U, P), (N, T - 1)], "the shared pass ran (and the plain one did not share)"
-    return out[True], out[False]
+    return [(N, P + T), (U, P)] + [(len(rows), w - 1) for rows, w in length_buckets(attn[:, P:]) if w > 1]
 
 
 def assert_same(got, want, tol=TIGHT):
@@ -112,6 +119,34 @@ def test_one_token_completions_need_no_completion_pass():
     assert_same(got, want)
 
 
+def test_length_buckets_pad_no_row_to_twice_its_length_or_more():
+    lengths = torch.tensor([1, 2, 3, 4, 5, 9, 16, 17, 33, 64, 7, 8])
+    mask = (torch.arange(64) < lengths[:, None]).long()
+    mask[3, 1] = 0  # a hole: the row's length is still its last real token's position
+    buckets = length_buckets(mask)
+    rows = torch.cat([b for b, _ in buckets])
+    assert sorted(rows.tolist()) == list(range(len(lengths)))
+    for bucket, width in buckets:
+        assert all(lengths[r] <= width < 2 * lengths[r] or width == lengths[r] for r in bucket.tolist())
+    assert len(buckets) == 7  # 1 | 2 | 3-4 | 5-8 | 9-16 | 17-32 | 33-64
+
+
+def test_completions_run_in_length_buckets_cut_to_their_longest_row():
+    """A batch whose completions end early: no completion pass is as wide as the batch, and the result is still
+    the plain pass's (upstream gradients on padding are 0, as a loss's mask makes them)."""
+    model = tiny_llama()
+    ids, attn, pos, T, upstream = make_batch(300, sizes=(4, 4, 4, 4), T=16, seed=3)
+    attn[:, -T:], upstream = attn[:, -T:] * 0, upstream * 0
+    lengths = torch.tensor([1, 2, 3, 5, 9, 16, 4, 4, 2, 2, 3, 6, 7, 12, 1, 8])
+    attn[:, -T:] = (torch.arange(T) < lengths[:, None]).long()
+    upstream = torch.randn(upstream.shape, generator=torch.Generator().manual_seed(0)) * attn[:, -T:]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    got, want = shared_vs_plain(model, ids, attn, pos, T, upstream)
+    widths = [w for _, w in length_buckets(attn[:, -T:])]
+    assert widths == [1, 2, 4, 8, 16]
+    assert_same(got, want)
+
+
 def test_one_row_per_prompt_takes_the_plain_pass():
     model = tiny_llama()
     ids, attn, pos, T, _ = make_batch(300, sizes=(1, 1, 1, 1))
@@ -141,12 +176,16 @@ def test_activation_checkpointing_recomputes_and_gives_the_plain_gradients():
     params = list(model.parameters())
     calls.clear()
     got = grads_of(lambda: token_logps(model, ids, attn, pos, T, shared=True), params, upstream)
-    # prompt pass + completion pass, each replayed once by the backward: checkpointing still recomputes
-    assert len(calls) == 4 and calls[0] == calls[3] and calls[1] == calls[2], calls
+    # the prompt pass and each length bucket's pass, each replayed once by the backward (in reverse order):
+    # checkpointing still recomputes
+    passes = 1 + sum(w > 1 for _, w in length_buckets(attn[:, -T:]))
+    assert len(calls) == 2 * passes and calls == calls[::-1], calls
+    mask = attn[:, -T:]
     want = grads_of(lambda: token_logps(model, ids, attn, pos, T, shared=False), params, upstream)
-    assert_same(got, want)
+    assert_same((got[0] * mask, got[1]), (want[0] * mask, want[1]))
     with torch.no_grad():  # pi_theta' in train mode: nothing is checkpointed, the cache is used as is
-        torch.testing.assert_close(token_logps(model, ids, attn, pos, T, shared=True), want[0], **TIGHT)
+        torch.testing.assert_close(token_logps(model, ids, attn, pos, T, shared=True) * mask, want[0] * mask,
+                                   **TIGHT)
     assert not any(hasattr(layer, "__dict__") and "_can_checkpoint_with_cache" in layer.__dict__
                    for layer in model.model.layers), "the layers are given back their own setting"
 
@@ -177,8 +216,9 @@ def test_lora_equals_the_plain_pass_and_its_reference_too(checkpointing):
     assert_same(*shared_vs_plain(lora, *batch))
     ids, attn, pos, T, _ = batch
     with torch.no_grad(), lora.disable_adapter():  # the peft reference pass
-        torch.testing.assert_close(token_logps(lora, ids, attn, pos, T, shared=True),
-                                   token_logps(tiny_llama(), ids, attn, pos, T, shared=False), **TIGHT)
+        torch.testing.assert_close(token_logps(lora, ids, attn, pos, T, shared=True) * attn[:, -T:],
+                                   token_logps(tiny_llama(), ids, attn, pos, T, shared=False) * attn[:, -T:],
+                                   **TIGHT)
 
 
 def test_bf16_autocast_stays_within_bf16_rounding():

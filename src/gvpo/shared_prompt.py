@@ -176,28 +176,58 @@ def _forward(model, plan: FusedHead | None, cache, logits_to_keep: int, **inputs
 def shared_token_logps(model, plan: FusedHead | None, input_ids, attention_mask, position_ids,
                        num_completion_tokens: int, temperature: float, groups) -> torch.Tensor:
     """``token_logps`` with each distinct prompt run once. ``groups = (first, rows)`` from :func:`prompt_groups`;
-    ``plan`` picks the fused head (log-probs from hidden states) or, when None, the model's own logits."""
+    ``plan`` picks the fused head (log-probs from hidden states) or, when None, the model's own logits.
+
+    The completions run in buckets of similar length (:func:`length_buckets`), each cut to its longest row: RL
+    completions end anywhere up to the budget (with 128 new tokens, chat completions here averaged 35-39 tokens),
+    and one (N, T) pass would spend most of its work on padding. Positions after a row's last completion token
+    influence no earlier one, so the kept log-probs are the same; the cut ones are returned as 0."""
     T = num_completion_tokens
     P = input_ids.shape[1] - T
     first, rows = groups
     prompt_cache = Cache(layer_class_to_replicate=_PromptLayer)
     logits, hidden = _forward(model, plan, prompt_cache, 1, input_ids=input_ids[first, :P],
                               attention_mask=attention_mask[first, :P], position_ids=position_ids[first, :P])
-    first_logits = logits[:, -1:].index_select(0, rows) if plan is None else None  # (N, 1, V)
-    first_hidden = hidden[:, -1:].index_select(0, rows) if plan is not None else None  # (N, 1, H)
-    if T > 1:
-        cache = Cache(layers=[_CompletionLayer(layer.keys, layer.values, rows) for layer in prompt_cache.layers])
-        rest_logits, rest_hidden = _forward(model, plan, cache, 0 if plan is None else 1,
-                                            input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
-                                            position_ids=position_ids[:, P:-1])
-        if plan is None:
-            first_logits = torch.cat([first_logits, rest_logits], dim=1)  # (N, T, V)
-        else:
-            first_hidden = torch.cat([first_hidden, rest_hidden], dim=1)  # (N, T, H)
-    targets = input_ids[:, -T:]
+    last = logits[:, -1:] if plan is None else hidden[:, -1:]  # (U, 1, V or H): predicts completion token 0
+    out, buckets = [], length_buckets(attention_mask[:, P:])
+    for bucket, width in buckets:
+        prompt_of = rows.index_select(0, bucket)
+        first_out = last.index_select(0, prompt_of)  # (n, 1, V or H)
+        if width > 1:
+            cache = Cache(layers=[_CompletionLayer(layer.keys, layer.values, prompt_of)
+                                  for layer in prompt_cache.layers])
+            cut = P + width - 1  # the last kept completion token is never an input
+            rest_logits, rest_hidden = _forward(model, plan, cache, 0 if plan is None else 1,
+                                                input_ids=input_ids[bucket, P:cut],
+                                                attention_mask=attention_mask[bucket, :cut],
+                                                position_ids=position_ids[bucket, P:cut])
+            first_out = torch.cat([first_out, rest_logits if plan is None else rest_hidden], dim=1)
+        logps = _logps(first_out, plan, input_ids[bucket, P:P + width], temperature)  # (n, width)
+        out.append(torch.nn.functional.pad(logps, (0, T - width)))
+    order = torch.cat([bucket for bucket, _ in buckets])  # row i of the result is row order[i] of the batch
+    return torch.cat(out).index_select(0, torch.argsort(order))
+
+
+def length_buckets(completion_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """Rows grouped by the power of two just above their length (the position after their last real token):
+    ``[(rows, width)]``, width the bucket's longest row, at least 1. A row is padded to at most twice its length
+    (one (N, T) pass pads every row to T), at the price of one more forward per bucket (at most log2(T) + 1)."""
+    T = completion_mask.shape[1]
+    positions = torch.arange(1, T + 1, device=completion_mask.device)
+    lengths = (completion_mask.ne(0) * positions).amax(dim=1).clamp(min=1)  # (N,)
+    keys = torch.ceil(torch.log2(lengths.double())).long()
+    buckets = []
+    for key in torch.unique(keys).tolist():
+        bucket = torch.nonzero(keys == key).squeeze(1)
+        buckets.append((bucket, int(lengths.index_select(0, bucket).max())))
+    return buckets
+
+
+def _logps(out: torch.Tensor, plan: FusedHead | None, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of ``targets`` (n, w) from the hidden states (fused head) or logits (n, w, *) predicting them."""
     if plan is not None:
-        return chunked_logps(first_hidden, plan.head.weight, targets, plan.head.bias, temperature)
-    logits = first_logits.float()  # position t predicts completion token t, as in the plain pass
+        return chunked_logps(out, plan.head.weight, targets, plan.head.bias, temperature)
+    logits = out.float()
     if temperature != 1.0:
         logits = logits / temperature
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
