@@ -121,6 +121,17 @@ FAULTS = [
     Fault("length-bucket-cut-short", "each length bucket is cut to its shortest row: the longer rows lose tokens",
           "shared_prompt.py", "int(lengths.index_select(0, bucket).max())", "int(lengths.index_select(0, bucket).min())",
           ("tests/test_shared_prompt.py::test_completions_run_in_length_buckets_cut_to_their_longest_row",)),
+    Fault("length-buckets-under-ddp", "each rank runs its own number of length buckets: DDP's per-forward buffer "
+          "broadcast no longer pairs up and the ranks hang", "shared_prompt.py",
+          "length_buckets(attention_mask[:, P:]) if not _several_processes() else",
+          "length_buckets(attention_mask[:, P:]) if True else",
+          ("tests/test_distributed.py::test_two_processes_equal_one",
+           "tests/test_async.py::test_two_torchrun_learners")),
+    Fault("zero-std-skip-under-ddp", "each rank skips its own equal-reward groups: unequal forward calls, the ranks "
+          "hang", "update.py", "if not run.config.training.skip_zero_std_groups or run.accelerator.num_processes > 1:",
+          "if not run.config.training.skip_zero_std_groups:",
+          ("tests/test_distributed.py::test_two_processes_equal_one",
+           "tests/test_async.py::test_two_torchrun_learners")),
     Fault("behaviour-logps-truncated", "behaviour log-probs of the top-k/top-p distribution, training's not",
           "rollout/base.py", "    if is_truncated(params):\n        logps = policy_logps(logits, params)\n", "",
           ("tests/test_rollout.py::test_behavior_logps_equal_the_trainers_teacher_forced_logps",)),

@@ -284,6 +284,7 @@ class TrainingConfig:
     # Skip the training pass of groups whose rewards are all equal where their gradient is exactly zero: GRPO /
     # Dr. GRPO without a KL term (zero advantages), GVPO on a step's single update against the start-of-step weights
     # (R_theta = 0, so zero weights). The loss's normalisation still counts them; false = compute them anyway.
+    # One process only: with several, every rank must make the same forward calls.
     skip_zero_std_groups: bool = True
     # The most activation memory (GB) one training pass may keep for its backward, per process; past it the
     # micro-batch is halved before memory runs short (gvpo.activation_budget). 0 = on a CPU, where running out kills

@@ -181,7 +181,8 @@ def shared_token_logps(model, plan: FusedHead | None, input_ids, attention_mask,
     The completions run in buckets of similar length (:func:`length_buckets`), each cut to its longest row: RL
     completions end anywhere up to the budget (with 128 new tokens, chat completions here averaged 35-39 tokens),
     and one (N, T) pass would spend most of its work on padding. Positions after a row's last completion token
-    influence no earlier one, so the kept log-probs are the same; the cut ones are returned as 0."""
+    influence no earlier one, so the kept log-probs are the same; the cut ones are returned as 0. One process only
+    (below)."""
     T = num_completion_tokens
     P = input_ids.shape[1] - T
     first, rows = groups
@@ -189,7 +190,11 @@ def shared_token_logps(model, plan: FusedHead | None, input_ids, attention_mask,
     logits, hidden = _forward(model, plan, prompt_cache, 1, input_ids=input_ids[first, :P],
                               attention_mask=attention_mask[first, :P], position_ids=position_ids[first, :P])
     last = logits[:, -1:] if plan is None else hidden[:, -1:]  # (U, 1, V or H): predicts completion token 0
-    out, buckets = [], length_buckets(attention_mask[:, P:])
+    # With several processes every rank must make the same forward calls (DDP broadcasts buffers in each, FSDP and
+    # ZeRO-3 gather weights), and the number of buckets depends on the rank's data: one bucket of width T there.
+    buckets = length_buckets(attention_mask[:, P:]) if not _several_processes() else \
+        [(torch.arange(input_ids.shape[0], device=input_ids.device), T)]
+    out = []
     for bucket, width in buckets:
         prompt_of = rows.index_select(0, bucket)
         first_out = last.index_select(0, prompt_of)  # (n, 1, V or H)
@@ -206,6 +211,11 @@ def shared_token_logps(model, plan: FusedHead | None, input_ids, attention_mask,
         out.append(torch.nn.functional.pad(logps, (0, T - width)))
     order = torch.cat([bucket for bucket, _ in buckets])  # row i of the result is row order[i] of the batch
     return torch.cat(out).index_select(0, torch.argsort(order))
+
+
+def _several_processes() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def length_buckets(completion_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:

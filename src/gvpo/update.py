@@ -133,9 +133,11 @@ def _zero_std_groups_are_inert(run, reuse_detached: bool) -> bool:
     (training.skip_zero_std_groups). GRPO / Dr. GRPO without KL: its advantages are 0 on every update. GVPO: its
     weights w_i = (R_i - R_mean) - (R_theta,i - R_theta_mean) are 0 only while R_theta = 0, i.e. when pi_theta' is
     exactly the weights being updated (one update per batch, old_policy=previous). A*-PO and OAPL regress on rewards
-    that are not centred per group: never inert."""
+    that are not centred per group: never inert. One process only (below)."""
     cfg = run.loss_config
-    if not run.config.training.skip_zero_std_groups:
+    # With several processes each rank would skip its own groups and make its own number of forward calls, but every
+    # rank must make the same ones (DDP broadcasts buffers in each forward, FSDP and ZeRO-3 gather weights).
+    if not run.config.training.skip_zero_std_groups or run.accelerator.num_processes > 1:
         return False
     if cfg.algorithm in RATIO_LOSSES:
         return cfg.kl_coef == 0
