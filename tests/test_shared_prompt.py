@@ -311,3 +311,14 @@ def test_a_training_run_is_the_same_either_way(tmp_path, tiny_model_dir, extra, 
     assert moved, "the steps moved the weights (LoRA: its B matrices, which start at 0)"
     for k in weights[False]:  # float32 sums in another order, through 4 Adam steps of 1e-2: ~1e-6 apart
         torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-5, atol=1e-5)
+
+
+def test_with_several_processes_the_completions_run_in_one_pass(monkeypatch):
+    """Every rank must make the same forward calls (DDP broadcasts buffers in each): no data-dependent buckets."""
+    model = tiny_llama()
+    ids, attn, pos, T, _ = make_batch(300)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with embedded_shapes(model) as shapes:
+        token_logps(model, ids, attn, pos, T, shared=True)
+    assert len(length_buckets(attn[:, -T:])) > 1 and shapes[1:] == [(ids.shape[0], T - 1)]

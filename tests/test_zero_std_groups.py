@@ -82,3 +82,20 @@ def test_zero_std_rows_marks_whole_groups_and_singletons():
                   rewards=torch.tensor([1.0, 1.0, 0.5, 0.0, 0.0, 3.0]), group_ids=torch.tensor([7, 7, 2, 2, 9, 4]),
                   behavior_logps=torch.zeros(6, 1))
     assert batch.zero_std_rows().tolist() == [True, True, False, False, True, True]
+
+
+@pytest.mark.parametrize("algorithm,reuse_detached,kl_coef,processes,inert", [
+    ("gvpo", True, 0.0, 1, True), ("gvpo", False, 0.0, 1, False), ("grpo", False, 0.0, 1, True),
+    ("dr_grpo", True, 0.0, 1, True), ("grpo", True, 0.1, 1, False), ("astar_po", True, 0.0, 1, False),
+    ("oapl", True, 0.0, 1, False),
+    # several processes: each rank would skip its own groups and make its own number of forward calls (hang)
+    ("gvpo", True, 0.0, 2, False), ("grpo", True, 0.0, 2, False)])
+def test_which_updates_skip_equal_reward_groups(algorithm, reuse_detached, kl_coef, processes, inert):
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(loss_config=SimpleNamespace(algorithm=algorithm, kl_coef=kl_coef),
+                          config=SimpleNamespace(training=SimpleNamespace(skip_zero_std_groups=True)),
+                          accelerator=SimpleNamespace(num_processes=processes))
+    assert gvpo.update._zero_std_groups_are_inert(run, reuse_detached) is inert
+    run.config.training.skip_zero_std_groups = False
+    assert gvpo.update._zero_std_groups_are_inert(run, reuse_detached) is False
