@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 PHASES = ("generation", "forward", "backward", "optimizer", "other")
 
 
@@ -51,7 +53,8 @@ def profile_one(config_path: str | None, overrides: list[str], steps: int, threa
         update_module.token_logps = timed("forward", update_module.token_logps)  # under grad and pi_theta' passes
         run.accelerator.backward = timed("backward", run.accelerator.backward)
         run.optimizer.step = timed("optimizer", run.optimizer.step)
-        rows, tokens, per_step = [], [], []
+        rows, tokens, per_step, stats = [], [], [], []
+        setup_rss = psutil.Process().memory_info().rss  # the model loaded, nothing trained yet
         for step in range(1, steps + 2):
             for k in clock:
                 clock[k] = 0.0
@@ -59,7 +62,7 @@ def profile_one(config_path: str | None, overrides: list[str], steps: int, threa
             t = time.perf_counter()
             batch, metrics = generate_batch(run, step)
             clock["generation"] = time.perf_counter() - t
-            update(run, batch)
+            stats.append(update(run, batch))
             total = time.perf_counter() - t0
             clock["other"] = total - sum(clock[k] for k in PHASES if k != "other")
             if step > 1:  # the first step warms up allocators and caches
@@ -69,7 +72,13 @@ def profile_one(config_path: str | None, overrides: list[str], steps: int, threa
         mean = {k: sum(s[k] for s in per_step) / len(per_step) for k in (*PHASES, "total")}
         return {**mean, "rows": sum(rows) / len(rows), "completion_tokens": sum(tokens) / len(tokens),
                 "prompt_width": int(batch.input_ids.shape[1] - batch.completion_mask.shape[1]),
-                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "setup_rss_gb": setup_rss / 2**30,
+                # bytes one training pass kept for its backward (gvpo.activation_budget's count), the step's largest
+                "activation_gb": max(s.get("activation_gb", 0.0) for s in stats),
+                "micro_batch_prompts": run.totals.get("micro_batch_prompts", config.training.micro_batch_prompts),
+                "zero_std_groups_skipped": sum(s.get("zero_std_groups_skipped", 0.0) for s in stats[1:])
+                / max(1, len(stats) - 1)}
 
 
 def main() -> int:
@@ -101,11 +110,14 @@ def main() -> int:
     first = next(iter(results.values()))
     print(f"\n{first['rows']:.0f} rows a step, prompt width {first['prompt_width']}, "
           f"{first['completion_tokens']:.0f} completion tokens; {a.threads} thread(s); {a.steps} timed steps\n")
-    print("| variant | " + " | ".join(PHASES) + " | total s/step | vs first | peak RSS GB |")
-    print("|---" * (len(PHASES) + 4) + "|")
+    print("| variant | " + " | ".join(PHASES) + " | total s/step | vs first | peak RSS GB | after setup GB "
+          "| activations GB (counted) | micro-batch prompts | equal-reward groups skipped / step |")
+    print("|---" * (len(PHASES) + 8) + "|")
     for name, r in results.items():
         cells = " | ".join(f"{r[k]:.2f}" for k in PHASES)
-        print(f"| {name} | {cells} | {r['total']:.2f} | {r['total'] / first['total']:.2f}x | {r['peak_rss_gb']:.2f} |")
+        print(f"| {name} | {cells} | {r['total']:.2f} | {r['total'] / first['total']:.2f}x | {r['peak_rss_gb']:.2f} "
+              f"| {r['setup_rss_gb']:.2f} | {r['activation_gb']:.2f} | {r['micro_batch_prompts'] or 'all'} "
+              f"| {r['zero_std_groups_skipped']:.1f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
     return 0
