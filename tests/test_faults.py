@@ -159,7 +159,8 @@ def test_bf16_autocast_is_active_when_asked_and_only_then(tmp_path, tiny_model_d
 def test_activation_checkpointing_recomputes_the_forward(tmp_path, tiny_model_dir, monkeypatch):
     plain = watch_training_forwards(monkeypatch, tmp_path, tiny_model_dir, "plain", gradient_checkpointing=False)
     ckpt = watch_training_forwards(monkeypatch, tmp_path, tiny_model_dir, "ckpt", gradient_checkpointing=True)
-    assert len(plain) == 4  # per step one training pass: two forwards (shared prompts, then completions)
+    # per step one training pass: the shared prompts, then the completions by length bucket (at least one)
+    assert len(plain) >= 4
     assert len(ckpt) == 2 * len(plain)  # each recomputed once in the backward
 
 

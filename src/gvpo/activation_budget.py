@@ -3,7 +3,7 @@
 On a GPU, running out of memory raises ``OutOfMemoryError``, which gvpo.update catches to halve the micro-batch.
 On a CPU the kernel kills the process instead: no exception, no message naming the setting to change, and the
 run is gone. So on a CPU the training forward counts the bytes it keeps for the backward (every tensor autograd
-saves, once per storage, the weights excluded) and raises :class:`ActivationBudgetExceeded` as soon as they pass
+saves, once per storage, the weights and integer tensors excluded) and raises :class:`ActivationBudgetExceeded` as soon as they pass
 the budget, before the memory is short; gvpo.update treats that as an out-of-memory error (halve and redo the
 mini-batch, or stop with a message). The count is of what the model really saves, so it holds for any
 architecture, attention implementation, LoRA, bf16 autocast or activation checkpointing (whose recomputed
@@ -60,6 +60,8 @@ class ActivationBudget:
         self.last = 0
 
         def pack(tensor):
+            if not tensor.is_floating_point():  # ids, positions, masks, indices: views of the batch, which exists
+                return tensor
             storage = tensor.untyped_storage()
             ptr = storage.data_ptr()
             if ptr not in weights and ptr not in seen:
