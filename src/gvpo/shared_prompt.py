@@ -219,7 +219,7 @@ def _several_processes() -> bool:
 
 
 def length_buckets(completion_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-    """Rows grouped by the power of two just above their length (the position after their last real token):
+    """Rows grouped by the power of two at or above their length (the 1-based position of their last real token):
     ``[(rows, width)]``, width the bucket's longest row, at least 1. A row is padded to at most twice its length
     (one (N, T) pass pads every row to T), at the price of one more forward per bucket (at most log2(T) + 1)."""
     T = completion_mask.shape[1]
