@@ -99,3 +99,22 @@ def test_which_updates_skip_equal_reward_groups(algorithm, reuse_detached, kl_co
     assert gvpo.update._zero_std_groups_are_inert(run, reuse_detached) is inert
     run.config.training.skip_zero_std_groups = False
     assert gvpo.update._zero_std_groups_are_inert(run, reuse_detached) is False
+
+
+def test_an_out_of_memory_halving_starts_from_the_groups_the_pass_held():
+    """4 groups, 2 of them with equal rewards (skipped): the pass held 2 prompts, so halving goes to 1, not to 2
+    (which would redo the same pass and run out again)."""
+    from types import SimpleNamespace
+
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 2.0, 1.0])
+    batch = Batch(input_ids=torch.zeros(8, 2, dtype=torch.long), attention_mask=torch.ones(8, 2),
+                  position_ids=torch.zeros(8, 2, dtype=torch.long), completion_mask=torch.ones(8, 1), rewards=rewards,
+                  group_ids=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), behavior_logps=torch.zeros(8, 1))
+    run = SimpleNamespace(loss_config=SimpleNamespace(algorithm="gvpo", kl_coef=0.0), totals={},
+                          config=SimpleNamespace(training=SimpleNamespace(skip_zero_std_groups=True,
+                                                                          micro_batch_prompts=0)),
+                          accelerator=SimpleNamespace(num_processes=1),
+                          optimizer=SimpleNamespace(zero_grad=lambda set_to_none: None))
+    with pytest.warns(UserWarning, match="micro_batch_prompts=2; retrying the mini-batch with 1"):
+        gvpo.update._shrink_micro_batches(run, batch, torch.OutOfMemoryError("out of memory"), reuse_detached=True)
+    assert run.totals["micro_batch_prompts"] == 1

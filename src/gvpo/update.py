@@ -45,7 +45,7 @@ def update(run, batch: Batch) -> dict:
                     mini_stats, mini_kl = _backward(run, mini, batch, totals_mb, loss_fn, reuse_detached, first_update)
                     break
                 except RuntimeError as e:  # out of memory: the same mini-batch again in smaller micro-batches
-                    _shrink_micro_batches(run, mini, e)
+                    _shrink_micro_batches(run, mini, e, reuse_detached)
             for k, v in mini_stats.items():
                 stats.setdefault(k, []).extend(v)
             kl_sums += mini_kl  # measured on the first update only: the learner's start-of-step weights
@@ -155,7 +155,7 @@ def _activation_budget(run) -> ActivationBudget:
     return run.activation_budget
 
 
-def _shrink_micro_batches(run, mini: Batch | None, error: RuntimeError) -> None:
+def _shrink_micro_batches(run, mini: Batch | None, error: RuntimeError, reuse_detached: bool) -> None:
     """After an out-of-memory error in the training pass: drop the mini-batch's partial gradient and halve the
     micro-batch, for this and every later step (kept in ``run.totals``, so a resumed run starts there). Re-raises
     anything else, and where halving cannot help (one prompt per micro-batch already) or is unsafe (several
@@ -163,6 +163,8 @@ def _shrink_micro_batches(run, mini: Batch | None, error: RuntimeError) -> None:
     text = str(error)
     oom = isinstance(error, (torch.OutOfMemoryError, ActivationBudgetExceeded)) or "can't allocate memory" in text \
         or "out of memory" in text
+    if mini is not None and _zero_std_groups_are_inert(run, reuse_detached):  # the groups the pass really held
+        mini = mini.select(~mini.zero_std_rows())
     groups = len(mini.group_ids.unique()) if mini is not None else 0
     now = _micro_prompts(run) or groups
     if not oom or now <= 1 or run.accelerator.num_processes > 1:
