@@ -10,9 +10,7 @@ from gvpo.config import load_config
 from gvpo.scoring import RewardError
 from gvpo.trainer import train
 
-# Measurements, not results: seconds, and the bytes a pass saved (allocation-dependent to a few bytes in 1e6: which
-# saved views share a storage varies with how the batch tensors were built).
-TIMING = ("step_seconds", "generation_seconds", "update_seconds", "activation_gb")
+TIMING = ("step_seconds", "generation_seconds", "update_seconds")
 
 
 def sevens(prompts, completions, **kwargs):

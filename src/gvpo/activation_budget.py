@@ -57,6 +57,9 @@ class ActivationBudget:
             return
         weights = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         seen: set[int] = set()
+        # Held until the pass ends: a branch of the graph that dies mid-forward would free its saved tensors, and
+        # a later one at the same address would look already counted (the count would then vary from run to run).
+        held: list[torch.Tensor] = []
         self.last = 0
 
         def pack(tensor):
@@ -66,6 +69,7 @@ class ActivationBudget:
             ptr = storage.data_ptr()
             if ptr not in weights and ptr not in seen:
                 seen.add(ptr)
+                held.append(tensor)
                 self.last += storage.nbytes()
                 if self.last > self.limit:
                     raise ActivationBudgetExceeded(
