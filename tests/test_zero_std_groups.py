@@ -76,12 +76,20 @@ def test_gvpo_computes_them_once_the_weights_move_within_the_step(tmp_path, tiny
         assert torch.equal(got[name], full[name]), name
 
 
-def test_zero_std_rows_marks_whole_groups_and_singletons():
+def test_the_dropped_rows_are_whole_groups_of_equal_rewards_and_singletons():
     batch = Batch(input_ids=torch.zeros(6, 2, dtype=torch.long), attention_mask=torch.ones(6, 2),
                   position_ids=torch.zeros(6, 2, dtype=torch.long), completion_mask=torch.ones(6, 1),
                   rewards=torch.tensor([1.0, 1.0, 0.5, 0.0, 0.0, 3.0]), group_ids=torch.tensor([7, 7, 2, 2, 9, 4]),
                   behavior_logps=torch.zeros(6, 1))
-    assert batch.zero_std_rows().tolist() == [True, True, False, False, True, True]
+    kept, stats = gvpo.update._drop_zero_std_groups(batch)
+    assert kept.rewards.tolist() == [0.5, 0.0] and kept.group_ids.tolist() == [2, 2]
+    # of the two groups with k >= 2 (7 and 2) one has equal rewards; 9 and 4 are singletons
+    assert stats == {"frac_equal_reward_groups": [0.5], "groups_used": [2.0], "groups_skipped": [2.0],
+                     "zero_std_groups_skipped": [1.0]}
+    flat = batch.select(torch.tensor([True, True, False, False, True, True]))
+    assert gvpo.update._drop_zero_std_groups(flat) == (None, {
+        "frac_equal_reward_groups": [1.0], "groups_used": [1.0], "groups_skipped": [2.0],
+        "zero_std_groups_skipped": [1.0], "loss": [0.0]})
 
 
 @pytest.mark.parametrize("algorithm,reuse_detached,kl_coef,processes,inert", [
@@ -101,20 +109,21 @@ def test_which_updates_skip_equal_reward_groups(algorithm, reuse_detached, kl_co
     assert gvpo.update._zero_std_groups_are_inert(run, reuse_detached) is False
 
 
-def test_an_out_of_memory_halving_starts_from_the_groups_the_pass_held():
-    """4 groups, 2 of them with equal rewards (skipped): the pass held 2 prompts, so halving goes to 1, not to 2
-    (which would redo the same pass and run out again)."""
-    from types import SimpleNamespace
+def test_an_out_of_memory_halving_starts_from_the_groups_the_pass_held(tmp_path, tiny_model_dir, monkeypatch):
+    """A pass over more than one group runs out of memory. With equal-reward groups skipped the first pass held
+    fewer than the step's 8 prompts, so the first halving starts from that count, not from 8 (which could redo the
+    same pass and run out again)."""
+    real = gvpo.update.token_logps
 
-    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 2.0, 1.0])
-    batch = Batch(input_ids=torch.zeros(8, 2, dtype=torch.long), attention_mask=torch.ones(8, 2),
-                  position_ids=torch.zeros(8, 2, dtype=torch.long), completion_mask=torch.ones(8, 1), rewards=rewards,
-                  group_ids=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), behavior_logps=torch.zeros(8, 1))
-    run = SimpleNamespace(loss_config=SimpleNamespace(algorithm="gvpo", kl_coef=0.0), totals={},
-                          config=SimpleNamespace(training=SimpleNamespace(skip_zero_std_groups=True,
-                                                                          micro_batch_prompts=0)),
-                          accelerator=SimpleNamespace(num_processes=1),
-                          optimizer=SimpleNamespace(zero_grad=lambda set_to_none: None))
-    with pytest.warns(UserWarning, match="micro_batch_prompts=2; retrying the mini-batch with 1"):
-        gvpo.update._shrink_micro_batches(run, batch, torch.OutOfMemoryError("out of memory"), reuse_detached=True)
-    assert run.totals["micro_batch_prompts"] == 1
+    def one_group_fits(model, input_ids, *args, **kwargs):
+        if torch.is_grad_enabled() and input_ids.shape[0] > 4:
+            raise torch.OutOfMemoryError("out of memory")
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(gvpo.update, "token_logps", one_group_fits)
+    with pytest.warns(UserWarning) as warned:
+        _, log = _run(tmp_path, tiny_model_dir, "oom", algorithm="gvpo")
+    assert log[0]["zero_std_groups_skipped"] > 0  # the first step did skip groups: the test checks something
+    first = next(str(w.message) for w in warned if "out of memory in the training pass" in str(w.message))
+    held = 8 - int(log[0]["zero_std_groups_skipped"])
+    assert f"micro_batch_prompts={held}; retrying" in first

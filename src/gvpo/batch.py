@@ -48,14 +48,6 @@ class Batch:
         _, counts = torch.unique(self.group_ids, return_counts=True)
         return int((counts >= 2).sum())
 
-    def zero_std_rows(self) -> torch.Tensor:
-        """(N,) bool: the row's group has one reward for every response (singletons included)."""
-        _, index = torch.unique(self.group_ids, return_inverse=True)
-        groups = int(index.max()) + 1 if len(self) else 0
-        low = self.rewards.new_full((groups,), math.inf).scatter_reduce(0, index, self.rewards, "amin")
-        high = self.rewards.new_full((groups,), -math.inf).scatter_reduce(0, index, self.rewards, "amax")
-        return (low == high)[index]
-
     def num_grouped_sequences(self) -> int:
         """Responses in groups of at least two (those A*-PO's group estimate of V* can use)."""
         _, counts = torch.unique(self.group_ids, return_counts=True)

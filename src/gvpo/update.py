@@ -12,6 +12,7 @@ import torch
 from gvpo.activation_budget import ActivationBudget, ActivationBudgetExceeded, budget_bytes
 from gvpo.batch import Batch, group_rows, split_groups
 from gvpo.config import RATIO_LOSSES
+from gvpo.losses import group_has_spread, group_index
 from gvpo.modeling import token_logps
 from gvpo.objectives import OBJECTIVES, LossInputs
 
@@ -40,12 +41,17 @@ def update(run, batch: Batch) -> dict:
     for _ in range(cfg_a.num_iterations):
         for mini in _mini_batches(batch, cfg_a.num_mini_batches):
             totals_mb = _global_counts(mini, accelerator)
+            trained, skip_stats = mini, {}
+            if mini is not None and _zero_std_groups_are_inert(run, reuse_detached):
+                trained, skip_stats = _drop_zero_std_groups(mini)  # totals_mb still counts them: same normalisation
             while True:
                 try:
-                    mini_stats, mini_kl = _backward(run, mini, batch, totals_mb, loss_fn, reuse_detached, first_update)
+                    mini_stats, mini_kl = _backward(run, trained, batch, totals_mb, loss_fn, reuse_detached,
+                                                    first_update)
                     break
                 except RuntimeError as e:  # out of memory: the same mini-batch again in smaller micro-batches
-                    _shrink_micro_batches(run, mini, e, reuse_detached)
+                    _shrink_micro_batches(run, trained, e)
+            mini_stats.update(skip_stats)  # counts over the whole mini-batch, not only the groups trained on
             for k, v in mini_stats.items():
                 stats.setdefault(k, []).extend(v)
             kl_sums += mini_kl  # measured on the first update only: the learner's start-of-step weights
@@ -73,11 +79,9 @@ def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, r
     across ranks on the last one). Returns (the micro-batches' metrics, this mini-batch's behaviour-KL sums)."""
     config, accelerator, model = run.config, run.accelerator, run.model
     cfg_a, temperature = run.loss_config, config.rollout.temperature
-    stats: dict[str, list] = {}
-    if mini is not None and _zero_std_groups_are_inert(run, reuse_detached):
-        mini = _drop_zero_std_groups(mini, stats)  # totals_mb still counts them: the normalisation is unchanged
     micros = split_groups(mini, _num_micro(mini, _micro_prompts(run))) if mini is not None else [None]
     budget = _activation_budget(run)
+    stats: dict[str, list] = {}
     kl_sums = torch.zeros(2)
     for j, micro in enumerate(micros):
         with _accumulate(accelerator, model, sync=j == len(micros) - 1):
@@ -99,8 +103,7 @@ def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, r
                                          is_demonstration=micro.is_demonstration), cfg_a)
             accelerator.backward(loss)
         for k, v in m.items():
-            if k not in stats or k not in _WHOLE_MINI_BATCH:
-                stats.setdefault(k, []).append(float(v))
+            stats.setdefault(k, []).append(float(v))
     return stats, kl_sums
 
 
@@ -109,23 +112,20 @@ def _micro_prompts(run) -> int:
     return run.totals.get("micro_batch_prompts", run.config.training.micro_batch_prompts)
 
 
-# Counts set by _drop_zero_std_groups over the whole mini-batch, which the micro-batches no longer see.
-_WHOLE_MINI_BATCH = ("frac_equal_reward_groups", "groups_used", "groups_skipped")
-
-
-def _drop_zero_std_groups(mini: Batch, stats: dict) -> Batch | None:
-    """The mini-batch without its groups of equal rewards (None if nothing is left); their share recorded."""
-    flat = mini.zero_std_rows()
-    ids, counts = torch.unique(mini.group_ids, return_counts=True)
-    grouped = ids[counts >= 2]
-    flat_groups = torch.isin(grouped, mini.group_ids[flat])
-    stats["frac_equal_reward_groups"] = [float(flat_groups.float().mean()) if len(grouped) else 0.0]
-    stats["groups_used"], stats["groups_skipped"] = [float(len(grouped))], [float(len(ids) - len(grouped))]
-    stats["zero_std_groups_skipped"] = [float(flat_groups.sum())]
+def _drop_zero_std_groups(mini: Batch) -> tuple[Batch | None, dict]:
+    """The mini-batch without its groups of equal rewards (None if nothing is left), and the counts of the whole
+    mini-batch that its loss's metrics would have given (the loss sees only the groups left)."""
+    index, counts = group_index(mini.group_ids)
+    flat_groups = ~group_has_spread(mini.rewards, index, counts.numel())  # (G,), singletons included
+    flat, grouped = flat_groups[index], counts >= 2
+    flat_grouped = flat_groups & grouped
+    stats = {"frac_equal_reward_groups": [float(flat_grouped.sum() / grouped.sum().clamp(min=1))],
+             "groups_used": [float(grouped.sum())], "groups_skipped": [float((~grouped).sum())],
+             "zero_std_groups_skipped": [float(flat_grouped.sum())]}
     if bool(flat.all()):
         stats["loss"] = [0.0]  # what the pass would have given: every group's term is 0 at R_theta = 0 / zero advantage
-        return None
-    return mini.select(~flat)
+        return None, stats
+    return mini.select(~flat), stats
 
 
 def _zero_std_groups_are_inert(run, reuse_detached: bool) -> bool:
@@ -147,7 +147,7 @@ def _zero_std_groups_are_inert(run, reuse_detached: bool) -> bool:
 def _activation_budget(run) -> ActivationBudget:
     """The training pass's activation budget, fixed at the run's first pass (gvpo.activation_budget): the
     configured one, or on a CPU a share of the memory free then; no budget on a GPU unless configured."""
-    if getattr(run, "activation_budget", None) is None:
+    if run.activation_budget is None:
         limit_gb = run.config.training.activation_memory_gb
         cpu = run.accelerator.device.type == "cpu"
         run.activation_budget = ActivationBudget(run.model, budget_bytes(run.model, limit_gb)
@@ -155,16 +155,15 @@ def _activation_budget(run) -> ActivationBudget:
     return run.activation_budget
 
 
-def _shrink_micro_batches(run, mini: Batch | None, error: RuntimeError, reuse_detached: bool) -> None:
+def _shrink_micro_batches(run, mini: Batch | None, error: RuntimeError) -> None:
     """After an out-of-memory error in the training pass: drop the mini-batch's partial gradient and halve the
     micro-batch, for this and every later step (kept in ``run.totals``, so a resumed run starts there). Re-raises
     anything else, and where halving cannot help (one prompt per micro-batch already) or is unsafe (several
-    processes: the others would wait in a gradient all-reduce this one no longer reaches in step)."""
+    processes: the others would wait in a gradient all-reduce this one no longer reaches in step). ``mini`` holds
+    the groups the pass trained on (equal-reward groups already dropped)."""
     text = str(error)
     oom = isinstance(error, (torch.OutOfMemoryError, ActivationBudgetExceeded)) or "can't allocate memory" in text \
         or "out of memory" in text
-    if mini is not None and _zero_std_groups_are_inert(run, reuse_detached):  # the groups the pass really held
-        mini = mini.select(~mini.zero_std_rows())
     groups = len(mini.group_ids.unique()) if mini is not None else 0
     now = _micro_prompts(run) or groups
     if not oom or now <= 1 or run.accelerator.num_processes > 1:
