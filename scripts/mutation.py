@@ -118,6 +118,10 @@ FAULTS = [
           "            totals_mb = _global_counts(_drop_zero_std_groups(mini)[0] if mini is not None and "
           "_zero_std_groups_are_inert(run, reuse_detached) else mini, accelerator)",
           ("tests/test_zero_std_groups.py::test_skipping_equal_reward_groups_gives_the_same_run",)),
+    Fault("dr-grpo-constant-is-batch-width", "Dr. GRPO divides by the batch's longest completion, which changes from "
+          "batch to batch, instead of the configured max_completion_length", "objectives.py",
+          "max_completion_length=x.max_completion_length or x.mask.shape[1]", "max_completion_length=x.mask.shape[1]",
+          ("tests/test_trainer.py::test_dr_grpo_divides_by_the_configured_budget_not_the_batch_width",)),
     Fault("length-bucket-cut-short", "each length bucket is cut to its shortest row: the longer rows lose tokens",
           "shared_prompt.py", "int(lengths.index_select(0, bucket).max())", "int(lengths.index_select(0, bucket).min())",
           ("tests/test_shared_prompt.py::test_completions_run_in_length_buckets_cut_to_their_longest_row",)),

@@ -218,3 +218,24 @@ def test_progress_bar_shows_seconds_per_step_split_and_clipped_share():
     shown = step_postfix({"reward_mean": 0.25, "step_seconds": 26.0, "update_seconds": 21.5, "clipped_ratio": 0.625},
                          acc=0.13)
     assert shown == {"reward": "0.250", "acc": "0.130", "s/step": "26.0 (gen 4.5 + train 21.5)", "clipped": "0.62"}
+
+
+def test_dr_grpo_divides_by_the_configured_budget_not_the_batch_width(tmp_path, tiny_model_dir, monkeypatch):
+    """Dr. GRPO's constant is max_completion_length (the paper, TRL), even when every completion of a batch ends
+    early and the batch is trimmed to a narrower width."""
+    import gvpo.losses
+
+    seen, real = [], gvpo.losses.LOSSES["dr_grpo"]
+
+    def recording(logps, old_logps, mask, *args, **kwargs):
+        seen.append((mask.shape[1], kwargs["max_completion_length"]))
+        return real(logps, old_logps, mask, *args, **kwargs)
+
+    monkeypatch.setitem(gvpo.losses.LOSSES, "dr_grpo", recording)
+    # Nearly every character is a stop string, so every row ends within a few tokens of the budget of 12.
+    stops = tuple("0123456789abcdefghijklmnopqrstuvwxyz")
+    cfg = config_for(tmp_path, tiny_model_dir, algorithm="dr_grpo", max_steps=2, max_completion_length=12,
+                     stop_strings=stops, skip_zero_std_groups=False)
+    train(cfg, reward_funcs=[sevens], train_rows=ROWS, eval_rows=ROWS[:4])
+    assert seen and all(const == 12 for _, const in seen), seen
+    assert min(width for width, _ in seen) < 12, "the batches were not narrower than the budget: the test shows nothing"

@@ -35,6 +35,7 @@ class LossInputs:
     world: int = 1  # processes (ranks) the mini-batch is spread over
     ref_logps: torch.Tensor | None = None  # (B, T) the frozen reference (GRPO's KL)
     is_demonstration: torch.Tensor | None = None  # (B,) bool: rows no policy sampled
+    max_completion_length: int | None = None  # the generation budget (Dr. GRPO's constant); None: the mask's width
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The arguments every pure loss takes first: logps, old_logps, mask, rewards, group_ids."""
@@ -59,7 +60,9 @@ def grpo(x: LossInputs, cfg):
 
 
 def dr_grpo(x: LossInputs, cfg):
-    return _clipped("dr_grpo", x, cfg, max_completion_length=x.mask.shape[1])
+    # The constant is the configured budget, as in the paper and TRL: the mask's width is the longest completion of
+    # this batch (or length bucket), which would make the "constant" change from step to step.
+    return _clipped("dr_grpo", x, cfg, max_completion_length=x.max_completion_length or x.mask.shape[1])
 
 
 def _clipped(name: str, x: LossInputs, cfg, **options):

@@ -79,6 +79,7 @@ def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, r
     across ranks on the last one). Returns (the micro-batches' metrics, this mini-batch's behaviour-KL sums)."""
     config, accelerator, model = run.config, run.accelerator, run.model
     cfg_a, temperature = run.loss_config, config.rollout.temperature
+    max_len = config.rollout.max_completion_length
     micros = split_groups(mini, _num_micro(mini, _micro_prompts(run))) if mini is not None else [None]
     budget = _activation_budget(run)
     stats: dict[str, list] = {}
@@ -100,7 +101,8 @@ def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, r
                 _add_behaviour_kl(kl_sums, logps.detach(), micro)
             loss, m = loss_fn(LossInputs(logps, old, micro.completion_mask, micro.rewards, micro.group_ids,
                                          **totals_mb, world=accelerator.num_processes, ref_logps=micro.ref_logps,
-                                         is_demonstration=micro.is_demonstration), cfg_a)
+                                         is_demonstration=micro.is_demonstration,
+                                         max_completion_length=max_len), cfg_a)
             accelerator.backward(loss)
         for k, v in m.items():
             stats.setdefault(k, []).append(float(v))
