@@ -118,6 +118,20 @@ FAULTS = [
           "            totals_mb = _global_counts(_drop_zero_std_groups(mini)[0] if mini is not None and "
           "_zero_std_groups_are_inert(run, reuse_detached) else mini, accelerator)",
           ("tests/test_zero_std_groups.py::test_skipping_equal_reward_groups_gives_the_same_run",)),
+    Fault("onednn-saved-order-not-mirrored", "a oneDNN linear saves its tensors in its own order, not F.linear's: a "
+          "checkpointed layer recomputed by the other path is refused", "cpu_matmul.py",
+          "return order[:1] == [(3, 4)]", "return False",
+          ("tests/test_cpu_matmul.py::test_checkpointed_layers_recompute_by_either_path",)),
+    Fault("onednn-bias-gradient-dropped", "a oneDNN linear gives its bias no gradient", "cpu_matmul.py",
+          "grad_b = grad2d.sum(0)", "grad_b = torch.zeros_like(grad2d[0])",
+          ("tests/test_cpu_matmul.py::test_linear_equals_f_linear_forward_and_backward",)),
+    Fault("onednn-scope-inert", "the oneDNN scope never routes anything: training passes stay on the slow path",
+          "cpu_matmul.py", 'if getattr(_active, "on", False) or not _available() or not use_onednn():', "if True:",
+          ("tests/test_cpu_matmul.py::test_training_pass_of_a_model_runs_on_onednn_with_the_plain_numbers",)),
+    Fault("onednn-auto-inverted", "cpu_matmul=auto takes oneDNN where it is slower", "cpu_matmul.py",
+          '_state["use"] = onednn_gflops >= AUTO_MIN_SPEEDUP * torch_gflops',
+          '_state["use"] = torch_gflops >= AUTO_MIN_SPEEDUP * onednn_gflops',
+          ("tests/test_cpu_matmul.py::test_auto_takes_onednn_only_where_clearly_faster",)),
     Fault("dr-grpo-constant-is-batch-width", "Dr. GRPO divides by the batch's longest completion, which changes from "
           "batch to batch, instead of the configured max_completion_length", "objectives.py",
           "max_completion_length=x.max_completion_length or x.mask.shape[1]", "max_completion_length=x.mask.shape[1]",

@@ -49,9 +49,14 @@ class ModelConfig:
     # Used only where exact (verified architectures, eager/sdpa attention, no shorter sliding window,
     # non-reentrant checkpointing), else the plain pass with the reason logged once; false = always the plain pass.
     shared_prompt: bool = True
+    # How float32 matrix products run on a CPU (training passes and the fast engine's decoding; GPUs unaffected):
+    # "onednn" through oneDNN, "torch" through torch's BLAS (MKL), "auto" times both once per process and takes
+    # oneDNN where it is at least 1.2x as fast (MKL runs a slow path on AMD CPUs: 2x here; gvpo.cpu_matmul).
+    cpu_matmul: str = "auto"
 
     def __post_init__(self):
         _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _one_of("cpu_matmul", self.cpu_matmul, ("auto", "onednn", "torch"))
 
 
 @dataclass(frozen=True)

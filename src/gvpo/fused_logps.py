@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from gvpo.cpu_matmul import linear, mm
 from gvpo.hf_compat import unwrap as _unwrap
 
 # A tile of 2**23 float32 logits is 32 MB: the tile, not the vocabulary, then sets the peak (a few tiles'
@@ -63,7 +64,7 @@ def _tile_logits(h, weight, bias, v0, v1, temperature, dtype):
     """float32 logits / temperature of rows ``h`` for vocabulary rows [v0, v1); bias added as F.linear does."""
     w = weight[v0:v1].to(dtype)
     b = None if bias is None else bias[v0:v1].to(dtype)
-    z = torch.nn.functional.linear(h, w, b).float()
+    z = linear(h, w, b).float()  # through oneDNN on CPUs where it is faster (gvpo.cpu_matmul)
     return z / temperature if temperature != 1.0 else z
 
 
@@ -122,9 +123,9 @@ class _ChunkedLogps(torch.autograd.Function):
                     dz.scatter_add_(1, (t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1),
                                     torch.where(inside, g, 0.0).unsqueeze(1))  # no host sync (CUDA)
                     if need_h:
-                        grad_h[m0:m1] += dz.to(dtype) @ w
+                        grad_h[m0:m1] += mm(dz.to(dtype), w)
                     if need_w:
-                        gw += (dz.to(dtype).T @ h).float()
+                        gw += mm(dz.to(dtype).T, h).float()
                     if gb is not None:
                         gb += dz.sum(0)
                 if need_w:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from gvpo.cpu_matmul import onednn_linears
 from gvpo.fused_logps import fused_enabled, fused_head, fused_token_logps, set_fused_logps
 from gvpo.hf_compat import cache_kwargs  # noqa: F401 (the engines import it from here)
 from gvpo.shared_prompt import log_fallback, prompt_groups, set_shared_prompt, shared_enabled, shared_plan, \
@@ -118,18 +119,19 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, po
     wanted = fused_enabled(model) if fused is None else fused
     plan = fused_head(model) if wanted else None
     T = num_completion_tokens
-    if (shared_enabled(model) if shared is None else shared) and T < input_ids.shape[1]:
-        groups = prompt_groups(input_ids, attention_mask, position_ids, input_ids.shape[1] - T)
-        if groups[0].shape[0] < input_ids.shape[0]:  # one row per prompt: nothing to share
-            reason = shared_plan(model, input_ids.shape[1])
-            if reason is None:
-                return shared_token_logps(model, plan, input_ids, attention_mask, position_ids, T, temperature,
-                                          groups)
-            log_fallback(reason)
-    if plan is not None:
-        return fused_token_logps(model, plan, input_ids, attention_mask, position_ids, num_completion_tokens,
-                                 temperature)
-    return _plain_token_logps(model, input_ids, attention_mask, position_ids, num_completion_tokens, temperature)
+    with onednn_linears():  # float32 CPU linears through oneDNN where it is faster (gvpo.cpu_matmul)
+        if (shared_enabled(model) if shared is None else shared) and T < input_ids.shape[1]:
+            groups = prompt_groups(input_ids, attention_mask, position_ids, input_ids.shape[1] - T)
+            if groups[0].shape[0] < input_ids.shape[0]:  # one row per prompt: nothing to share
+                reason = shared_plan(model, input_ids.shape[1])
+                if reason is None:
+                    return shared_token_logps(model, plan, input_ids, attention_mask, position_ids, T, temperature,
+                                              groups)
+                log_fallback(reason)
+        if plan is not None:
+            return fused_token_logps(model, plan, input_ids, attention_mask, position_ids, num_completion_tokens,
+                                     temperature)
+        return _plain_token_logps(model, input_ids, attention_mask, position_ids, num_completion_tokens, temperature)
 
 
 def _plain_token_logps(model, input_ids, attention_mask, position_ids, num_completion_tokens, temperature):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gvpo.cpu_matmul import set_backend as set_cpu_matmul
 from gvpo.groups import sample_groups, trainer_state_for
 from gvpo.modeling import load_model_and_tokenizer, prepare_model
 from gvpo.rollout import make_engine
@@ -42,6 +43,7 @@ class Result:
 class RolloutWorker:
     def __init__(self, config, reward_funcs, reward_weights, threads: int = 1):
         torch.set_num_threads(threads)
+        set_cpu_matmul(config.model.cpu_matmul)
         model, self.tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
                                                          config.model.trust_remote_code,
                                                          gguf_cache_dir=config.model.gguf_cache_dir or None)

@@ -21,6 +21,7 @@ import torch
 from gvpo import checkpoint as ckpt
 from gvpo import demonstrations
 from gvpo.batch import make_batch
+from gvpo.cpu_matmul import set_backend as set_cpu_matmul
 from gvpo.config import FRESH_BETA, RATIO_LOSSES, AlgorithmConfig, Config, save_config
 from gvpo.data import encode_rows, read_rows
 from gvpo.evaluation import held_out_accuracy
@@ -170,6 +171,7 @@ def setup(config: Config, reward_funcs=None, train_rows=None, eval_rows=None) ->
     if accelerator.is_main_process:  # a GGUF file is converted once, by one rank, before the others read the cache
         resolve_model_path(config.model.model_name_or_path, config.model.gguf_cache_dir or None)
     accelerator.wait_for_everyone()
+    set_cpu_matmul(config.model.cpu_matmul)
     model, tokenizer = load_model_and_tokenizer(config.model.model_name_or_path, config.model.dtype,
                                                 config.model.trust_remote_code, config.model.fused_logps,
                                                 config.model.shared_prompt, config.model.gguf_cache_dir or None)

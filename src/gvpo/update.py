@@ -11,6 +11,7 @@ import torch
 
 from gvpo.activation_budget import ActivationBudget, ActivationBudgetExceeded, budget_bytes
 from gvpo.batch import Batch, group_rows, split_groups
+from gvpo.cpu_matmul import onednn_linears
 from gvpo.config import RATIO_LOSSES
 from gvpo.losses import group_has_spread, group_index
 from gvpo.modeling import token_logps
@@ -103,7 +104,8 @@ def _backward(run, mini: Batch | None, batch: Batch, totals_mb: dict, loss_fn, r
                                          **totals_mb, world=accelerator.num_processes, ref_logps=micro.ref_logps,
                                          is_demonstration=micro.is_demonstration,
                                          max_completion_length=max_len), cfg_a)
-            accelerator.backward(loss)
+            with onednn_linears():  # a checkpointed forward is recomputed here, with the kernels it first ran
+                accelerator.backward(loss)
         for k, v in m.items():
             stats.setdefault(k, []).append(float(v))
     return stats, kl_sums

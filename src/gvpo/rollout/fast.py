@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from gvpo.cpu_matmul import onednn_linears
 from gvpo.modeling import cache_kwargs
 from gvpo.rollout.base import Engine, left_pad, row_uniforms, sample_tokens
 from gvpo.rollout.kv_decoder import LlamaStyleDecoder, unsupported_reason
@@ -151,7 +152,7 @@ class FastEngine(Engine):
             _decode_loop, params=params, eos_ids=self.eos_token_ids, compact_fraction=self.compact_fraction,
             stop_check=self._stop_checker(params),
         )
-        with torch.inference_mode():
+        with torch.inference_mode(), onednn_linears():  # the worker threads' decoders carry their own packed weights
             logits = backend.prefill(input_ids, attention_mask, k, max_new)  # whole batch, all threads
             workers = self._num_workers(backend, device, len(prompt_ids), k)
             # Blocks of whole prompts, as even as possible, so every block ends on a group boundary.
