@@ -4,6 +4,8 @@
     python benchmarks/real_model.py --steps 1 --quick     # a smoke run of the plumbing (minutes)
     python benchmarks/real_model.py --seeds 0 1 --arms gvpo_train trl_grpo --threads 2
     python benchmarks/real_model.py --steps 3 --arms trl_grpo gvpo_train --set max_completion_length=128
+    python benchmarks/real_model.py --steps 10 --gvpo-steps 20 --set eval_steps=2 --arms trl_grpo gvpo_train
+        # time to TRL's final accuracy, with gvpo allowed past TRL's step count and evaluated every 2 steps
 
 Model, task and batch come from --config (configs/smollm2_cpu.yaml: SmolLM2-135M-Instruct, addition_chat through
 its chat template, 8 prompts x k = 8, 16 new tokens). Every arm trains the same model on the same prompts with the
@@ -45,7 +47,8 @@ REFERENCES = ("trl_grpo_defaults", "trl_grpo")
 def _config(a, seed: int, arm: str):
     from gvpo.config import load_config
 
-    overrides = {"max_steps": a.steps, "seed": seed, "output_dir": str(Path(a.workdir) / f"{arm}-s{seed}"),
+    steps = a.gvpo_steps if arm.startswith("gvpo_train") and a.gvpo_steps else a.steps
+    overrides = {"max_steps": steps, "seed": seed, "output_dir": str(Path(a.workdir) / f"{arm}-s{seed}"),
                  "overwrite_output_dir": True, "save_steps": 0, "progress_bar": False,
                  "algorithm": "grpo" if arm == "gvpo_train_grpo" else "gvpo", "bf16": arm.endswith("_bf16")}
     if a.quick:  # the plumbing, not the numbers: few held-out prompts, evaluated after every step
@@ -166,7 +169,7 @@ def child(a) -> None:
     Path(a.result).write_text(json.dumps(result))
 
 
-def summarise(result: dict, targets: dict) -> dict:
+def summarise(result: dict, targets: dict, steps: int) -> dict:
     steps = result["steps"][1:] or result["steps"]  # the first step warms up (allocations, lazy imports)
     evals = result["evals"]
     row = {"arm": result["arm"], "seed": result["seed"],
@@ -175,7 +178,10 @@ def summarise(result: dict, targets: dict) -> dict:
            "train_s": statistics.mean(s["update_seconds"] for s in steps),
            "clipped": statistics.mean(s["clipped_ratio"] for s in steps if s.get("clipped_ratio") is not None)
            if any(s.get("clipped_ratio") is not None for s in steps) else float("nan"),
-           "peak_gb": result["peak_rss_gb"], "acc_before": evals[0]["accuracy"], "acc_after": evals[-1]["accuracy"]}
+           "peak_gb": result["peak_rss_gb"], "acc_before": evals[0]["accuracy"], "acc_after": evals[-1]["accuracy"],
+           "steps": result["steps"][-1]["step"],
+           # at the reference's step count, where an arm ran more steps (--gvpo-steps)
+           "acc_at_steps": next((e["accuracy"] for e in evals if e["step"] == steps), None), "ref_steps": steps}
     for name, target in targets.items():
         hit = next((e["train_seconds"] for e in evals if e["accuracy"] >= target - 1e-9), None)
         row[f"t_to_{name}"] = hit
@@ -187,11 +193,17 @@ def markdown(head: list[str], body: list[list[str]]) -> str:
 
 
 def table(rows: list[dict], targets: dict) -> str:
-    head = ["arm", "seed", "s/step (gen / train)", "clipped", "peak RSS GB", "acc before -> after",
+    head = ["arm", "seed", "steps", "s/step (gen / train)", "clipped", "peak RSS GB", "acc before -> after",
             *[f"s to {name} final ({v:.3f})" for name, v in targets.items()]]
+
+    def accuracy(r):  # with the accuracy at the reference's step count where the arm ran longer
+        at = r.get("acc_at_steps")
+        longer = at is not None and r.get("steps") != r.get("ref_steps")
+        return f"{r['acc_before']:.3f} -> {r['acc_after']:.3f}" + (f" ({at:.3f} at {r['ref_steps']})" if longer else "")
+
     return markdown(head, [
-        [r["arm"], str(r["seed"]), f"{r['step_s']:.1f} ({r['gen_s']:.1f} / {r['train_s']:.1f})",
-         f"{r['clipped']:.2f}", f"{r['peak_gb']:.2f}", f"{r['acc_before']:.3f} -> {r['acc_after']:.3f}",
+        [r["arm"], str(r["seed"]), str(r.get("steps", "")), f"{r['step_s']:.1f} ({r['gen_s']:.1f} / {r['train_s']:.1f})",
+         f"{r['clipped']:.2f}", f"{r['peak_gb']:.2f}", accuracy(r),
          *["-" if r.get(f"t_to_{n}") is None else f"{r[f't_to_{n}']:.0f}" for n in targets]] for r in rows])
 
 
@@ -218,6 +230,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "smollm2_cpu.yaml"))
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per arm")
+    p.add_argument("--gvpo-steps", type=int, default=0,
+                   help="optimizer steps for the gvpo_train arms (default: --steps): the time to reach a reference's "
+                        "final accuracy can be measured past the reference's step count")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + BF16_ARMS)
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm (the GUIDE's figures: 1)")
@@ -245,7 +260,8 @@ def main(argv=None) -> int:
                 print(f"{arm} seed {seed}: reusing {out}", flush=True)
                 continue
             jobs.append(([sys.executable, __file__, "--arm", arm, "--seed", str(seed), "--result", str(out),
-                          "--config", a.config, "--steps", str(a.steps), "--threads", str(a.threads),
+                          "--config", a.config, "--steps", str(a.steps), "--gvpo-steps", str(a.gvpo_steps),
+                          "--threads", str(a.threads),
                           "--workdir", a.workdir, *(["--quick"] if a.quick else []), "--set", *a.set],
                          f"{arm} seed {seed}"))
     running = []
@@ -264,13 +280,14 @@ def main(argv=None) -> int:
     targets_by_seed = {s: {r["arm"]: r["evals"][-1]["accuracy"] for r in results if r["seed"] == s
                            and r["arm"] in REFERENCES} for s in a.seeds}
     names = [n for n in REFERENCES if any(n in t for t in targets_by_seed.values())]
-    rows = [summarise(r, targets_by_seed[r["seed"]]) for r in results]
+    rows = [summarise(r, targets_by_seed[r["seed"]], a.steps) for r in results]
     shown = {n: statistics.mean(t[n] for t in targets_by_seed.values() if n in t) for n in names}
     print(table(rows, shown))
     if len(a.seeds) > 1:
         print(across_seeds(rows, names))
     path = Path(a.out or Path(a.workdir) / "results.json")
-    path.write_text(json.dumps({"config": a.config, "set": a.set, "steps": a.steps, "seeds": a.seeds,
+    path.write_text(json.dumps({"config": a.config, "set": a.set, "steps": a.steps, "gvpo_steps": a.gvpo_steps,
+                                "seeds": a.seeds,
                                 "threads": a.threads, "rows": rows, "runs": results}, indent=1))
     print(f"results: {path}")
     return 0 if len(results) == len(a.seeds) * len(a.arms) else 1
