@@ -132,6 +132,11 @@ FAULTS = [
           '_state["use"] = onednn_gflops >= AUTO_MIN_SPEEDUP * torch_gflops',
           '_state["use"] = torch_gflops >= AUTO_MIN_SPEEDUP * onednn_gflops',
           ("tests/test_cpu_matmul.py::test_auto_takes_onednn_only_where_clearly_faster",)),
+    Fault("onednn-auto-probe-under-autocast", "cpu_matmul=auto, first asked under bf16 autocast, times bf16 against "
+          "float32 and may pick the slower float32 path for the whole run", "cpu_matmul.py",
+          'torch.no_grad(), torch.autocast("cpu", enabled=False), torch._C.DisableTorchFunction():',
+          "torch.no_grad(), torch._C.DisableTorchFunction():",
+          ("tests/test_cpu_matmul.py::test_auto_measures_float32_even_when_first_asked_under_autocast",)),
     Fault("dr-grpo-constant-is-batch-width", "Dr. GRPO divides by the batch's longest completion, which changes from "
           "batch to batch, instead of the configured max_completion_length", "objectives.py",
           "max_completion_length=x.max_completion_length or x.mask.shape[1]", "max_completion_length=x.mask.shape[1]",

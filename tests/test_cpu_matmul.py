@@ -163,3 +163,16 @@ def test_decoding_on_packed_weights_gives_the_teacher_forced_logps(backend, oned
         want = token_logps(model, *seq, rollout.completion_ids.shape[1], params.temperature)
     mask = rollout.completion_mask.bool()
     torch.testing.assert_close(rollout.behavior_logps[mask], want[mask], atol=1e-5, rtol=0)
+
+
+def test_auto_measures_float32_even_when_first_asked_under_autocast(monkeypatch):
+    """The decision is made once per process, perhaps first inside bf16 autocast (generation with bf16=true): it
+    must still time float32 products, or it would compare bf16 against float32."""
+    from types import SimpleNamespace
+
+    dtypes = []
+    shim = SimpleNamespace(linear=lambda x, w: dtypes.append(F.linear(x, w).dtype))
+    monkeypatch.setattr(cpu_matmul, "F", shim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cpu_matmul._probe(rows=8, size=16, reps=1)
+    assert dtypes and set(dtypes) == {torch.float32}

@@ -91,7 +91,8 @@ def _probe(rows: int = 256, size: int = 1024, reps: int = 3) -> tuple[float, flo
             times.append(time.perf_counter() - start)
         return 2 * rows * size * size / min(times) / 1e9
 
-    with torch.no_grad():
+    # float32 both ways, even when first asked under bf16 autocast or inside the oneDNN scope
+    with torch.no_grad(), torch.autocast("cpu", enabled=False), torch._C.DisableTorchFunction():
         return best(lambda: F.linear(x, w)), best(lambda: _onednn(x, w, None))
 
 
