@@ -169,7 +169,7 @@ def child(a) -> None:
     Path(a.result).write_text(json.dumps(result))
 
 
-def summarise(result: dict, targets: dict, steps: int) -> dict:
+def summarise(result: dict, targets: dict, ref_steps: int) -> dict:
     steps = result["steps"][1:] or result["steps"]  # the first step warms up (allocations, lazy imports)
     evals = result["evals"]
     row = {"arm": result["arm"], "seed": result["seed"],
@@ -181,7 +181,7 @@ def summarise(result: dict, targets: dict, steps: int) -> dict:
            "peak_gb": result["peak_rss_gb"], "acc_before": evals[0]["accuracy"], "acc_after": evals[-1]["accuracy"],
            "steps": result["steps"][-1]["step"],
            # at the reference's step count, where an arm ran more steps (--gvpo-steps)
-           "acc_at_steps": next((e["accuracy"] for e in evals if e["step"] == steps), None), "ref_steps": steps}
+           "acc_at_steps": next((e["accuracy"] for e in evals if e["step"] == ref_steps), None), "ref_steps": ref_steps}
     for name, target in targets.items():
         hit = next((e["train_seconds"] for e in evals if e["accuracy"] >= target - 1e-9), None)
         row[f"t_to_{name}"] = hit
