@@ -19,9 +19,15 @@ TIGHT = dict(rtol=1e-5, atol=1e-5)
 
 @pytest.fixture
 def backend():
-    """Set the backend for one test; the process's choice is restored afterwards."""
+    """Set the backend for one test, decided afresh (the process keeps an "auto" decision once made); the process's
+    choice is restored afterwards."""
     before = dict(cpu_matmul._state)
-    yield cpu_matmul.set_backend
+
+    def choose(name):
+        cpu_matmul.set_backend(name)
+        cpu_matmul._state["use"] = None
+
+    yield choose
     cpu_matmul._state.update(before)
 
 
