@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +39,7 @@ def cpu_name() -> str:
 
 
 def gflops(fn, flops: float, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return flops / statistics.median(times) / 1e9
+    return cpu_matmul.gflops(fn, flops, reps, pick=statistics.median)
 
 
 def products(hidden: int, inter: int, vocab: int, qkv: int) -> dict:

@@ -100,16 +100,7 @@ def matmul_gflops(size: int = 1024, reps: int = 10) -> float:
     products = [lambda: a @ b]
     if cpu_matmul._available():
         products.append(lambda: cpu_matmul._onednn(a, b, None))
-    best = 0.0
-    for product in products:
-        product()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - start)
-        best = max(best, 2 * size**3 / statistics.median(times) / 1e9)
-    return best
+    return max(cpu_matmul.gflops(product, 2 * size**3, reps, pick=statistics.median) for product in products)
 
 
 def job_flops(model, prompts, k: int, new_tokens: int) -> float:

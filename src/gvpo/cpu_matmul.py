@@ -78,22 +78,25 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def gflops(product, flops: float, reps: int, pick=min) -> float:
+    """GFLOP/s of ``product()`` (``flops`` each): ``pick`` (min: the best; statistics.median) of ``reps`` timed calls
+    after one warm-up."""
+    product()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        product()
+        times.append(time.perf_counter() - start)
+    return flops / pick(times) / 1e9
+
+
 def _probe(rows: int = 256, size: int = 1024, reps: int = 3) -> tuple[float, float]:
     """(torch's, oneDNN's) GFLOP/s on one (rows x size) @ (size x size) product, best of `reps` after a warm-up."""
     x, w = torch.randn(rows, size), torch.randn(size, size)
-
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 2 * rows * size * size / min(times) / 1e9
-
+    flops = 2 * rows * size * size
     # float32 both ways, even when first asked under bf16 autocast or inside the oneDNN scope
     with torch.no_grad(), torch.autocast("cpu", enabled=False), torch._C.DisableTorchFunction():
-        return best(lambda: F.linear(x, w)), best(lambda: _onednn(x, w, None))
+        return gflops(lambda: F.linear(x, w), flops, reps), gflops(lambda: _onednn(x, w, None), flops, reps)
 
 
 def _plain(t) -> bool:
