@@ -137,6 +137,9 @@ FAULTS = [
           'torch.no_grad(), torch.autocast("cpu", enabled=False), torch._C.DisableTorchFunction():',
           "torch.no_grad(), torch._C.DisableTorchFunction():",
           ("tests/test_cpu_matmul.py::test_auto_measures_float32_even_when_first_asked_under_autocast",)),
+    Fault("cpu-matmul-config-ignored", "model.cpu_matmul is not applied: the run keeps the process's automatic choice",
+          "trainer.py", "set_cpu_matmul(config.model.cpu_matmul)", 'set_cpu_matmul("auto")',
+          ("tests/test_cpu_matmul.py::test_the_config_choice_reaches_the_run_and_its_summary",)),
     Fault("dr-grpo-constant-is-batch-width", "Dr. GRPO divides by the batch's longest completion, which changes from "
           "batch to batch, instead of the configured max_completion_length", "objectives.py",
           "max_completion_length=x.max_completion_length or x.mask.shape[1]", "max_completion_length=x.mask.shape[1]",

@@ -182,3 +182,16 @@ def test_auto_measures_float32_even_when_first_asked_under_autocast(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cpu_matmul._probe(rows=8, size=16, reps=1)
     assert dtypes and set(dtypes) == {torch.float32}
+
+
+@pytest.mark.parametrize("choice", ["torch", "onednn"])
+def test_the_config_choice_reaches_the_run_and_its_summary(backend, onednn_calls, tmp_path, tiny_model_dir, choice):
+    from gvpo.trainer import train
+    from test_trainer import ROWS, config_for, sevens
+
+    backend("auto")
+    config = config_for(tmp_path, tiny_model_dir, max_steps=1, prompts_per_step=2, num_generations=2,
+                        cpu_matmul=choice)
+    summary = train(config, reward_funcs=[sevens], train_rows=ROWS, eval_rows=ROWS[:2])
+    assert summary["cpu_matmul"] == choice
+    assert bool(onednn_calls) == (choice == "onednn")

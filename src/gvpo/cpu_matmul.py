@@ -63,6 +63,12 @@ def use_onednn() -> bool:
     return _state["use"]
 
 
+def decision() -> str:
+    """What this process chose, for the run's summary: "onednn", "torch", or "undecided" (no float32 CPU product asked
+    yet, e.g. a run on a GPU)."""
+    return {None: "undecided", True: "onednn", False: "torch"}[_state["use"]]
+
+
 @functools.cache
 def _available() -> bool:
     try:

@@ -21,6 +21,7 @@ import torch
 from gvpo import checkpoint as ckpt
 from gvpo import demonstrations
 from gvpo.batch import make_batch
+from gvpo.cpu_matmul import decision as cpu_matmul_decision
 from gvpo.cpu_matmul import set_backend as set_cpu_matmul
 from gvpo.config import FRESH_BETA, RATIO_LOSSES, AlgorithmConfig, Config, save_config
 from gvpo.data import encode_rows, read_rows
@@ -96,6 +97,7 @@ def train(config: Config | None = None, reward_funcs=None, train_rows=None, eval
         run.source.close()
     summary = _summary(totals, step, config)
     summary["num_processes"] = accelerator.num_processes
+    summary["cpu_matmul"] = cpu_matmul_decision()  # which kernels ran the float32 CPU products (model.cpu_matmul)
     if accelerator.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         tracker.close()
