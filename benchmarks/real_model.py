@@ -197,12 +197,12 @@ def table(rows: list[dict], targets: dict) -> str:
             *[f"s to {name} final ({v:.3f})" for name, v in targets.items()]]
 
     def accuracy(r):  # with the accuracy at the reference's step count where the arm ran longer
-        at = r.get("acc_at_steps")
-        longer = at is not None and r.get("steps") != r.get("ref_steps")
+        at = r["acc_at_steps"]
+        longer = at is not None and r["steps"] != r["ref_steps"]
         return f"{r['acc_before']:.3f} -> {r['acc_after']:.3f}" + (f" ({at:.3f} at {r['ref_steps']})" if longer else "")
 
     return markdown(head, [
-        [r["arm"], str(r["seed"]), str(r.get("steps", "")), f"{r['step_s']:.1f} ({r['gen_s']:.1f} / {r['train_s']:.1f})",
+        [r["arm"], str(r["seed"]), str(r["steps"]), f"{r['step_s']:.1f} ({r['gen_s']:.1f} / {r['train_s']:.1f})",
          f"{r['clipped']:.2f}", f"{r['peak_gb']:.2f}", accuracy(r),
          *["-" if r.get(f"t_to_{n}") is None else f"{r[f't_to_{n}']:.0f}" for n in targets]] for r in rows])
 

@@ -137,17 +137,16 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         saved = {"x": x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None,
                  "w": weight.t() if ctx.needs_input_grad[0] else None}
-        ctx.order = ("w", "x") if _weight_saved_first(bias is not None) else ("x", "w")
-        ctx.save_for_backward(*(saved[k] for k in ctx.order if saved[k] is not None))
+        order = ("w", "x") if _weight_saved_first(bias is not None) else ("x", "w")
+        ctx.kept = [k for k in order if saved[k] is not None]
+        ctx.save_for_backward(*(saved[k] for k in ctx.kept))
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return _onednn(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        saved = iter(ctx.saved_tensors)
-        need = {"x": ctx.needs_input_grad[1], "w": ctx.needs_input_grad[0]}  # which tensor each gradient needs
-        got = {k: next(saved) if need[k] else None for k in ctx.order}
-        x2d, weight_t = got["x"], got["w"]
+        got = dict(zip(ctx.kept, ctx.saved_tensors))
+        x2d, weight_t = got.get("x"), got.get("w")
         grad2d = grad.reshape(-1, grad.shape[-1])  # (M, out)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
