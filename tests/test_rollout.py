@@ -358,19 +358,53 @@ def test_per_prompt_seeds_make_samples_batch_independent():
     assert not torch.equal(other.completion_ids, together.completion_ids)
 
 
-def test_inverse_cdf_sampling_matches_the_distribution():
-    """The seeded path samples the processed distribution: chi-square over many draws, p > 1e-3 (fixed seed)."""
-    from gvpo.rollout.base import processed_logps, sample_tokens
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_k=8), SamplingParams(temperature=0.8)],
+                         ids=["top-k", "untruncated"])
+def test_inverse_cdf_sampling_matches_the_distribution(params):
+    """The seeded path samples the processed distribution (chi-square over many draws, p > 1e-3, fixed seed) and
+    reports the temperature-scaled policy's log-prob of the drawn token."""
+    from gvpo.rollout.base import policy_logps, sample_tokens
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 12, generator=g).repeat(20000, 1)
-    params = SamplingParams(temperature=0.8, top_k=8)
-    tokens, _ = sample_tokens(logits, params, None, torch.rand(20000, generator=g))
+    tokens, logps = sample_tokens(logits, params, None, torch.rand(20000, generator=g))
     probs = processed_logps(logits[:1], params).exp()[0]
     observed = torch.bincount(tokens, minlength=12).double()
     keep = probs > 0
     assert observed[~keep].sum() == 0  # filtered tokens are never drawn
     assert chi_square_pvalue(observed[keep], probs[keep].double()) > 1e-3
+    torch.testing.assert_close(logps, policy_logps(logits, params)[0, tokens], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("vocab", [7, 256, 1000, 49152 + 37])
+def test_inverse_cdf_equals_the_full_cumulative_search(vocab):
+    """The two-level search draws the token a float64 cumulative sum over the whole vocabulary would: the first
+    whose cumulative weight exceeds u * total (up to where the two sums round differently: the target within
+    1e-5 of a boundary), never a zero-weight one (zero blocks at either end, u = 0 and u just below 1), and with
+    the total it reports."""
+    from gvpo.rollout.base import inverse_cdf
+
+    g = torch.Generator().manual_seed(vocab)
+    rows = 300
+    weights = torch.rand(rows, vocab, generator=g) ** 8  # skewed, as a softmax is
+    weights[weights < 1e-3] = 0.0  # zero-weight tokens here and there
+    weights[:100, : vocab // 2] = 0.0  # leading zero blocks
+    weights[100:200, vocab // 2 + 1:] = 0.0  # trailing zero blocks
+    weights[:, vocab // 2] = 0.5  # every row keeps some weight
+    u = torch.rand(rows, generator=g)
+    u[::3] = 0.0
+    u[1::3] = 1 - 2 ** -24  # the largest float32 below 1
+    tokens, total = inverse_cdf(weights, u)
+    assert (weights.gather(1, tokens[:, None]) > 0).all()
+    cdf = weights.double().cumsum(-1)
+    torch.testing.assert_close(total, cdf[:, -1], rtol=1e-6, atol=0)
+    target = u.double() * cdf[:, -1]
+    want = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1).clamp(max=vocab - 1)
+    want = torch.where(weights.gather(1, want[:, None]).squeeze(-1) > 0, want, tokens)  # past the end: rounding
+    differ = (tokens != want).nonzero().flatten()
+    boundary = cdf[differ, torch.minimum(tokens, want)[differ]]
+    assert ((boundary - target[differ]).abs() <= 1e-5 * cdf[differ, -1]).all(), differ
+    assert len(differ) <= rows // 100
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
