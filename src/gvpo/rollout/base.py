@@ -118,9 +118,8 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Te
     b = torch.searchsorted(block_cdf, target[:, None], right=True).squeeze(-1)
     b = torch.minimum(b, _last_positive(sums))  # u * total rounded up to total
     start = b * block
-    index = (start[:, None] + torch.arange(block, device=weights.device)).clamp(max=vocab - 1)
-    inside = weights.gather(1, index)
-    inside = inside.masked_fill(start[:, None] + torch.arange(block, device=weights.device) >= vocab, 0.0)
+    index = start[:, None] + torch.arange(block, device=weights.device)  # the block's tokens (past V: none)
+    inside = weights.gather(1, index.clamp(max=vocab - 1)).masked_fill(index >= vocab, 0.0)
     before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
     local = torch.searchsorted(inside.cumsum(dim=-1, dtype=torch.float64), (target - before)[:, None],
                                right=True).squeeze(-1)
